@@ -263,7 +263,7 @@ def read_file(path: str, flag: str):
     try:
         return load_dataset(builder, data_files=path, split="train")
     except Exception as e:  # datasets, pandas and pyarrow each raise their own kind
-        raise UserError(f"{flag} {path}: cannot read it as {builder} ({type(e).__name__}: {e})") from e
+        raise UserError(f"{flag} {path}: cannot read it as {builder}, or it has no rows ({type(e).__name__}: {e})") from e
 
 
 def read_hub_dataset(name: str) -> dict:
@@ -729,7 +729,11 @@ def run(cfg: Config) -> dict:
     shutil.rmtree(checkpoints)  # the saved model supersedes them
     _CLASSIFIERS[_TRAINED] = _CLASSIFIERS[os.path.abspath(model_dir)] = Classifier(
         model, tokenizer, label_names, cfg.max_length, precision)
-    plot(metrics, cfg.images_dir)
+    try:
+        plot(metrics, cfg.images_dir)
+    except OSError as e:
+        raise UserError(f"the model is saved in {model_dir}, but the charts could not be drawn in "
+                        f"--images-dir {cfg.images_dir}: {e}") from e
     return metrics
 
 

@@ -1,0 +1,92 @@
+"""The whole pipeline through the real command line, and predict() from a fresh process."""
+import json
+import os
+
+import pytest
+
+from conftest import imdb_sample, run_cli, train_args
+
+REVIEWS = ["An absolute delight from start to finish.", "Dull, slow and far too long.", ""]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_bert, data_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    result = run_cli(*train_args(tiny_bert, data_files, out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+def test_cli_trains_saves_and_draws(trained):
+    out, result = trained
+    for name in ("bar_chart.png", "line_chart.png"):
+        from matplotlib.image import imread
+
+        path = out / "images" / name
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+        height, width, _ = imread(path).shape
+        assert height > 200 and width > 300
+
+    metrics = json.loads((out / "model" / "metrics.json").read_text())
+    for phase in ("before", "after"):
+        assert 0 <= metrics[phase]["accuracy"] <= 1 and 0 <= metrics[phase]["f1"] <= 1
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+    assert metrics["after"] == metrics["history"][-1]
+    assert metrics["label_names"] == ["neg", "pos"]
+    assert metrics["model"]["quantized_layers"] == 2 * 6  # query, key, value, output, intermediate, output.dense
+    assert 0 < metrics["model"]["trainable_params"] < metrics["model"]["total_params"]
+    assert metrics["model"]["memory_4bit_bytes"] < metrics["model"]["memory_fp32_bytes"]
+    assert metrics["precision"] == "fp32" and metrics["versions"]["bitsandbytes"]
+    assert "Trainable parameters:" in result.stderr and "Model memory:" in result.stderr
+    assert not (out / "checkpoints").exists(), "the saved model supersedes the checkpoints"
+    assert [p.name for p in out.iterdir() if p.name.startswith(".model-")] == [], "no staging folder left behind"
+
+
+def test_saved_folder_loads_with_peft_and_keeps_the_4bit_base(trained):
+    import bitsandbytes as bnb
+    import torch
+    from peft import AutoPeftModelForSequenceClassification
+
+    model = AutoPeftModelForSequenceClassification.from_pretrained(str(trained[0] / "model"))
+    assert model.peft_config["default"].r == 8
+
+    import peft_qlora
+
+    classifier = peft_qlora.load_classifier(str(trained[0] / "model"))
+    layers = [m for m in classifier.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 12 and layers[0].weight.quant_type == "nf4"
+    head = classifier.model.base_model.model.classifier.modules_to_save["default"]
+    assert type(head) is torch.nn.Linear and head.weight.dtype == torch.float32
+    assert classifier.model.config.id2label == {0: "neg", 1: "pos"}
+
+
+def test_predict_from_the_shell_prints_json(trained):
+    result = run_cli("predict", "--model-dir", trained[0] / "model", *REVIEWS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(result.stdout)
+    assert [r["text"] for r in rows] == REVIEWS
+    for row in rows:
+        assert set(row) == {"text", "neg_prob", "pos_prob", "label"}
+        assert row["neg_prob"] + row["pos_prob"] == pytest.approx(1, abs=1e-6)
+        assert row["label"] == ("pos" if row["pos_prob"] > row["neg_prob"] else "neg")
+
+
+def test_predict_in_a_fresh_process_matches_the_model_in_memory(tiny_bert, data_files, tmp_path):
+    import peft_qlora
+
+    assert peft_qlora.main(train_args(tiny_bert, data_files, tmp_path)) == 0
+    texts = REVIEWS + imdb_sample("test", 40)[0]  # more than one batch of 32 in the shell
+    in_memory = peft_qlora.predict(texts)
+    single = peft_qlora.predict(texts[0])  # one string in, one dict out
+    assert single == {**in_memory[0], "neg_prob": pytest.approx(in_memory[0]["neg_prob"], abs=1e-6),
+                      "pos_prob": pytest.approx(in_memory[0]["pos_prob"], abs=1e-6)}
+
+    result = run_cli("predict", "--model-dir", tmp_path / "model", "--batch-size", "32", *texts)
+    assert result.returncode == 0, result.stderr[-3000:]
+    fresh = json.loads(result.stdout)
+    assert [r["label"] for r in fresh] == [r["label"] for r in in_memory]
+    for a, b in zip(fresh, in_memory):
+        assert a["pos_prob"] == pytest.approx(b["pos_prob"], abs=1e-6)
+    spread = max(r["pos_prob"] for r in fresh) - min(r["pos_prob"] for r in fresh)
+    assert spread > 1e-3, "the texts get different probabilities, so matching them means something"

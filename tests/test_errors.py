@@ -1,0 +1,102 @@
+"""Every bad input ends with a clear message and a non-zero exit status, never a traceback."""
+import pytest
+
+from conftest import run_cli, train_args
+
+
+def write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def csv_with(tmp_path, body, name="data.csv"):
+    return write(tmp_path / name, "text,label\n" + body)
+
+
+@pytest.fixture
+def good_csv(tmp_path):
+    return csv_with(tmp_path, "great film,1\nawful film,0\nloved it,1\nhated it,0\n", "good.csv")
+
+
+def with_data(data_file, *args):
+    """Good data, so the run gets as far as the model."""
+    return ["--train-file", data_file, "--eval-file", data_file, "--train-size", "all", "--eval-size", "all", *args]
+
+
+CASES = {
+    "missing model folder": (lambda t, g, d: with_data(g, "--model", str(t / "no-such-model")),
+                             ["cannot load model", "local folder"]),
+    "hub model unreachable": (lambda t, g, d: with_data(g, "--model", "someone/some-model"),
+                              ["cannot load model 'someone/some-model'", "hub may be unreachable"]),
+    "hub dataset unreachable": (lambda t, g, d: ["--dataset", "someone/some-data"],
+                                ["cannot load dataset 'someone/some-data'", "--train-file"]),
+    "missing data file": (lambda t, g, d: ["--train-file", str(t / "nope.csv"), "--eval-file", g],
+                          ["--train-file", "nope.csv: no such file"]),
+    "unknown file type": (lambda t, g, d: ["--train-file", write(t / "a.txt", "x"), "--eval-file", g],
+                          ["unknown file type", ".parquet"]),
+    "unreadable file": (lambda t, g, d: ["--train-file", write(t / "bad.parquet", "not parquet"), "--eval-file", g],
+                        ["cannot read it as parquet"]),
+    "empty file": (lambda t, g, d: ["--train-file", csv_with(t, ""), "--eval-file", g],
+                   ["data.csv: cannot read it as csv, or it has no rows"]),
+    "missing column": (lambda t, g, d: ["--train-file", g, "--eval-file", g, "--text-column", "review"],
+                       ["no column 'review'", "its columns: text, label", "--text-column"]),
+    "labels missing": (lambda t, g, d: ["--train-file", csv_with(t, "good,1\nbad,\nfine,1\nmeh,0\n"),
+                                        "--eval-file", g],
+                       ["1 rows without a label", "rows 1"]),
+    "texts not strings": (lambda t, g, d: ["--train-file", write(t / "n.json", '{"text": 5, "label": 1}\n'
+                                                                   '{"text": "ok", "label": 0}\n'),
+                                           "--eval-file", g],
+                          ["not strings", "--text-column"]),
+    "one class": (lambda t, g, d: ["--train-file", csv_with(t, "good,1\nfine,1\n"), "--eval-file", g],
+                  ["single class"]),
+    "label names do not fit": (lambda t, g, d: ["--train-file", g, "--eval-file", g, "--label-names", "a", "b", "c"],
+                               ["--label-names gives 3 names"]),
+    "subset too large": (lambda t, g, d: ["--train-file", g, "--eval-file", g, "--train-size", "10"],
+                         ["--train-size 10 is more than the 4 rows", "--train-size all"]),
+    "train file alone": (lambda t, g, d: ["--train-file", g], ["--train-file and --eval-file go together"]),
+    "zero epochs": (lambda t, g, d: ["--epochs", "0"], ["--epochs", "must be at least 1"]),
+    "zero max length": (lambda t, g, d: ["--max-length", "0"], ["--max-length", "must be at least 1"]),
+    "max length too small": (lambda t, g, d: ["--max-length", "4"], ["leaves no room"]),
+    "max length over the model's": (lambda t, g, d: with_data(g, "--model", d, "--max-length", "4096"),
+                                    ["--max-length 4096 is more than", "128 tokens"]),
+    "fp16 without a GPU": (lambda t, g, d: ["--precision", "fp16"], ["needs a CUDA GPU", "fp32"]),
+    "bad LoRA target": (lambda t, g, d: with_data(g, "--model", d, "--max-length", "64",
+                                                   "--lora-targets", "attn_nonexistent"),
+                        ["--lora-targets attn_nonexistent"]),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_reported_without_traceback(case, tmp_path, good_csv, tiny_bert):
+    make_args, expected = CASES[case]
+    result = run_cli(*make_args(tmp_path, good_csv, tiny_bert), "--output-dir", tmp_path / "out")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    for text in expected:
+        assert text in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "out" / "model").exists()
+
+
+def test_predict_without_a_trained_model_says_how_to_train(tmp_path):
+    result = run_cli("predict", "--model-dir", tmp_path / "nothing", "some text")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "no trained model" in result.stderr and "python peft_qlora.py" in result.stderr
+
+
+def test_predict_rejects_nothing_and_non_strings(tmp_path):
+    import peft_qlora
+
+    with pytest.raises(peft_qlora.UserError, match="at least one text"):
+        peft_qlora.predict([])
+    with pytest.raises(peft_qlora.UserError, match="takes strings; got int"):
+        peft_qlora.predict(["fine", 3])
+    with pytest.raises(peft_qlora.UserError, match="no trained model"):
+        peft_qlora.predict("fine", model_dir=str(tmp_path))
+
+
+def test_a_plotting_failure_keeps_the_model(tiny_bert, data_files, tmp_path):
+    blocker = write(tmp_path / "images-is-a-file", "")
+    result = run_cli(*train_args(tiny_bert, data_files, tmp_path), "--images-dir", blocker)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "the model is saved in" in result.stderr and "charts could not be drawn" in result.stderr
+    assert (tmp_path / "model" / "adapter_model.safetensors").is_file()
