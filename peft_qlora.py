@@ -544,10 +544,14 @@ def save(model, tokenizer, metrics: dict, model_dir: str) -> None:
     parent = os.path.dirname(os.path.abspath(model_dir))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".model-", dir=parent)
-    model.save_pretrained(staging)  # the LoRA adapter and the trained head, not the 4-bit base
-    tokenizer.save_pretrained(staging)
-    with open(os.path.join(staging, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
+    try:
+        model.save_pretrained(staging)  # the LoRA adapter and the trained head, not the 4-bit base
+        tokenizer.save_pretrained(staging)
+        with open(os.path.join(staging, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
+    except BaseException:
+        shutil.rmtree(staging)
+        raise
     retired = None
     if os.path.exists(model_dir):
         retired = staging + "-old"

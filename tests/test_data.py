@@ -1,0 +1,89 @@
+"""load_data and tokenize: files of every kind, label names, balanced reproducible subsets."""
+import json
+from collections import Counter
+
+import pytest
+
+import peft_qlora
+
+
+def config(*args):
+    return peft_qlora.parse_args(list(args))
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_string_labels_become_sorted_class_names(tmp_path):
+    rows = [{"review": f"text {i}", "sentiment": s} for i, s in enumerate(["positive", "negative"] * 5)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    train, evaluation, names = peft_qlora.load_data(config(
+        "--train-file", path, "--eval-file", path, "--text-column", "review", "--label-column", "sentiment",
+        "--train-size", "all", "--eval-size", "4"))
+    assert names == ["negative", "positive"]
+    assert train.column_names == ["text", "labels"] and len(train) == 10 and len(evaluation) == 4
+    assert sorted(zip(train["text"], train["labels"])) == sorted(
+        (r["review"], names.index(r["sentiment"])) for r in rows)
+
+
+def test_integer_labels_get_imdb_names_or_the_given_ones(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\n" + "".join(f"t{i},{i % 3}\n" for i in range(9)))
+    args = ["--train-file", str(path), "--eval-file", str(path), "--train-size", "all", "--eval-size", "all"]
+    assert peft_qlora.load_data(config(*args))[2] == ["0", "1", "2"]
+    assert peft_qlora.load_data(config(*args, "--label-names", "x", "y", "z"))[2] == ["x", "y", "z"]
+    assert peft_qlora.load_data(config(*args, "--train-size", "2", "--eval-size", "2"))[2] == ["0", "1", "2"]
+
+    binary = tmp_path / "b.parquet"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["a", "b", "c", "d"], "label": [0, 1, 1, 0]}), binary)
+    names = peft_qlora.load_data(config("--train-file", str(binary), "--eval-file", str(binary),
+                                        "--train-size", "all", "--eval-size", "all"))[2]
+    assert names == ["neg", "pos"]
+
+
+def test_a_local_dataset_folder_goes_through_the_hub_loader(tmp_path, data_files):
+    import shutil
+
+    shutil.copy(data_files["train"], tmp_path / "train.parquet")
+    shutil.copy(data_files["test"], tmp_path / "test.parquet")
+    train, evaluation, names = peft_qlora.load_data(config("--dataset", str(tmp_path), "--train-size", "20",
+                                                           "--eval-size", "all"))
+    assert (len(train), len(evaluation), names) == (20, 32, ["neg", "pos"])
+
+
+def test_subsets_are_balanced_and_reproducible(tmp_path):
+    path = tmp_path / "d.csv"
+    # 90 of class 0 and 30 of class 1: a balanced draw of 40 takes 20 of each.
+    path.write_text("text,label\n" + "".join(f"t{i},{int(i % 4 == 0)}\n" for i in range(120)))
+    args = ["--train-file", str(path), "--eval-file", str(path), "--train-size", "40", "--eval-size", "70"]
+    train, evaluation, _ = peft_qlora.load_data(config(*args))
+    assert Counter(train["labels"]) == {0: 20, 1: 20}
+    assert Counter(evaluation["labels"]) == {0: 40, 1: 30}  # class 1 runs out; class 0 fills the rest
+    assert len(set(train["text"])) == 40
+    again, _, _ = peft_qlora.load_data(config(*args))
+    other, _, _ = peft_qlora.load_data(config(*args, "--seed", "7"))
+    assert again["text"] == train["text"] and other["text"] != train["text"]
+
+
+def test_tokenize_truncates_and_leaves_padding_to_the_batch(tiny_bert):
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    ds = Dataset.from_dict({"text": ["short", "a much longer text " * 50], "labels": [0, 1]})
+    out = peft_qlora.tokenize(ds, tokenizer, max_length=16)
+    lengths = [len(ids) for ids in out["input_ids"]]
+    assert lengths[0] < 16 and lengths[1] == 16
+    assert "text" not in out.column_names and out["labels"] == [0, 1]
+
+
+def test_eval_labels_unseen_in_training_are_refused(tmp_path):
+    train = write_jsonl(tmp_path / "t.jsonl", [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}])
+    evaluation = write_jsonl(tmp_path / "e.jsonl", [{"text": "a", "label": "z"}])
+    with pytest.raises(peft_qlora.UserError, match="labels the training data lacks: z"):
+        peft_qlora.load_data(config("--train-file", train, "--eval-file", evaluation))
