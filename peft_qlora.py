@@ -694,10 +694,12 @@ def predict(texts: str | list[str], model_dir: str | None = None, batch_size: in
 
 
 def versions() -> dict:
-    from importlib.metadata import version
+    import importlib
 
-    packages = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "scikit-learn")
-    return {"python": sys.version.split()[0], **{p: version(p) for p in packages}}
+    # From the modules, not package metadata: a copied-in package (no metadata) must not crash the run
+    modules = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "sklearn")
+    return {"python": sys.version.split()[0],
+            **{m: getattr(importlib.import_module(m), "__version__", "unknown") for m in modules}}
 
 
 def device_name() -> str:
