@@ -97,8 +97,8 @@ class Config:
     epochs: int = _opt(2, "passes over the training set", type=_positive_int)
     learning_rate: float = _opt(5e-4, "peak learning rate (LoRA and the new head learn faster than full fine-tuning)",
                                 type=_positive_float)
-    batch_size: int = _opt(16, "training batch size", type=_positive_int)
-    eval_batch_size: int = _opt(64, "evaluation and prediction batch size (no gradients, so larger)",
+    batch_size: int = _opt(32, "training batch size", type=_positive_int)
+    eval_batch_size: int = _opt(128, "evaluation and prediction batch size (no gradients, so larger)",
                                 type=_positive_int)
     precision: str = _opt("auto", "auto: bf16 on GPUs with compute capability 8.0+, fp16 on older GPUs (T4), "
                           "fp32 on the CPU", choices=["auto", "bf16", "fp16", "fp32"])
@@ -341,10 +341,15 @@ def balanced_subset(labels: list[int], size: int, seed: int) -> list[int]:
     return chosen
 
 
-def tokenize(dataset, tokenizer, max_length: int):
-    """Tokenise once, truncating; padding happens per batch in the collator, so short texts stay cheap."""
-    return dataset.map(lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_length),
-                       batched=True, remove_columns=["text"], desc="Tokenising")
+def tokenize(dataset, tokenizer, max_length: int, sort_by_length: bool = False):
+    """Tokenise once, truncating; padding happens per batch in the collator, so short texts stay cheap.
+    Sorting (for evaluation, where order does not matter) puts texts of similar length in the same batch."""
+    dataset = dataset.map(lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_length),
+                          batched=True, remove_columns=["text"], desc="Tokenising")
+    if sort_by_length:
+        lengths = [len(ids) for ids in dataset["input_ids"]]
+        dataset = dataset.select(sorted(range(len(lengths)), key=lengths.__getitem__))
+    return dataset
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,8 +377,20 @@ def quantized_load_kwargs(label_names: list[str], precision: str) -> dict:
                 device_map={"": "cuda:0" if torch.cuda.is_available() else "cpu"})
 
 
-def check_quantized(model) -> int:
-    """Returns the number of 4-bit layers, after checking the head escaped quantization."""
+def autocast_input(module, args: tuple):
+    """Under autocast nn.Linear computes and returns the autocast dtype, but bitsandbytes' Linear4bit returns
+    its input's dtype: fp32 after every layer norm, which adds a cast per layer and doubles the activation
+    memory kept for the backward pass. Handing it the compute dtype makes it behave like nn.Linear."""
+    import torch
+
+    x = args[0]
+    if torch.is_autocast_enabled(x.device.type) and x.dtype != module.compute_dtype:
+        return (x.to(module.compute_dtype), *args[1:])
+    return None
+
+
+def prepare_4bit_layers(model) -> int:
+    """Checks the head escaped quantization and readies the 4-bit layers; returns how many there are."""
     import bitsandbytes as bnb
     import torch
 
@@ -385,6 +402,7 @@ def check_quantized(model) -> int:
             # pass, and a later training step then fails ("a view of a leaf Variable ... in-place
             # operation"); the unpacked path computes the same result.
             module.support_avx512bf16_for_cpu = False
+            module.register_forward_pre_hook(autocast_input)
             if any(part in HEAD_MODULES for part in name.split(".")):
                 raise RuntimeError(f"{name} was quantized to 4 bits; the classification head must stay "
                                    f"{torch.nn.Linear.__name__}")
@@ -417,7 +435,7 @@ def build_model(cfg: Config, label_names: list[str], precision: str):
     positions = min(tokenizer.model_max_length, model.config.max_position_embeddings)
     if cfg.max_length > positions:
         raise UserError(f"--max-length {cfg.max_length} is more than {cfg.model} reads ({positions} tokens)")
-    quantized_layers = check_quantized(model)
+    quantized_layers = prepare_4bit_layers(model)
     # Freezes the base and upcasts what is not 4-bit (layer norms, embeddings, head) to fp32: the head then
     # trains in fp32, so fp16 mixed precision never has to unscale fp16 gradients. Gradient checkpointing
     # would be on by default; it costs ~30% speed and bert-base fits a T4 without it.
@@ -480,6 +498,8 @@ def make_trainer(model, tokenizer, train_ds, eval_ds, cfg: Config, precision: st
         fp16=precision == "fp16",
         use_cpu=not torch.cuda.is_available(),
         eval_strategy="epoch",
+        # batches of similar lengths (shuffled in groups): little padding, same randomness per epoch
+        train_sampling_strategy="group_by_length",
         save_strategy="epoch",  # a checkpoint per epoch for --resume
         save_total_limit=1,  # --resume needs only the latest
         logging_strategy="epoch",  # one mean training loss per epoch, beside that epoch's evaluation
@@ -634,7 +654,7 @@ def load_classifier(model_dir: str) -> Classifier:
     precision = choose_precision("auto")
     model = AutoPeftModelForSequenceClassification.from_pretrained(
         model_dir, **quantized_load_kwargs(saved["label_names"], precision))
-    check_quantized(model)
+    prepare_4bit_layers(model)
     return Classifier(model, AutoTokenizer.from_pretrained(model_dir), saved["label_names"],
                       saved["config"]["max_length"], precision)
 
@@ -648,16 +668,19 @@ def classify(classifier: Classifier, texts: list[str], batch_size: int) -> list[
     device = next(model.parameters()).device
     autocast = torch.autocast(device.type, dtype=getattr(torch, DTYPES[classifier.precision]),
                               enabled=classifier.precision != "fp32")
-    probabilities = []
+    encoded = tokenizer(texts, truncation=True, max_length=classifier.max_length)["input_ids"]
+    order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))  # similar lengths batch with little padding
+    probabilities: list = [None] * len(texts)
     with torch.inference_mode(), autocast:
-        for start in range(0, len(texts), batch_size):
-            batch = tokenizer(texts[start:start + batch_size], truncation=True, max_length=classifier.max_length,
-                              padding=True, return_tensors="pt").to(device)
-            probabilities += model(**batch).logits.float().softmax(-1).tolist()
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            batch = tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="pt").to(device)
+            for i, p in zip(rows, model(**batch).logits.float().softmax(-1).tolist()):
+                probabilities[i] = p
     return probabilities
 
 
-def predict(texts: str | list[str], model_dir: str | None = None, batch_size: int = 64):
+def predict(texts: str | list[str], model_dir: str | None = None, batch_size: int = 128):
     """Classify one text (returns a dict) or a list of texts (returns a list of dicts).
 
     Each dict is {"text", "<name>_prob" for each class, "label"}; for IMDb {"text", "neg_prob", "pos_prob",
@@ -721,7 +744,8 @@ def run(cfg: Config) -> dict:
     set_seed(cfg.seed)  # before the model: the new head and the LoRA matrices start from it
     train_ds, eval_ds, label_names = load_data(cfg)
     model, tokenizer, model_info = build_model(cfg, label_names, precision)
-    train_ds, eval_ds = tokenize(train_ds, tokenizer, cfg.max_length), tokenize(eval_ds, tokenizer, cfg.max_length)
+    train_ds = tokenize(train_ds, tokenizer, cfg.max_length)
+    eval_ds = tokenize(eval_ds, tokenizer, cfg.max_length, sort_by_length=True)
     trainer = make_trainer(model, tokenizer, train_ds, eval_ds, cfg, precision, checkpoints)
     before = evaluate(trainer, "Before training")
     history, run_info = train(trainer, cfg.resume)

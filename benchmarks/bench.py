@@ -1,0 +1,270 @@
+"""Training and prediction speed of peft_qlora.py against the notebook's recipe and two unquantized baselines.
+
+On a bert-base-shaped model (random BertConfig() weights: the same FLOPs and bytes as bert-base-uncased) at
+--max-length 512, in one run on one card:
+
+  qlora   this project's training path with its defaults (peft_qlora.build_model and make_trainer)
+  naive   the notebook's recipe: 4-bit base through prepare_model_for_kbit_training's defaults, every review
+          padded to 512, random order, default Trainer settings (batch 8), bf16
+  lora    plain LoRA (same config) on a bf16 base, no quantization, the project's data pipeline
+  full    full fine-tuning in bf16 mixed precision, the project's data pipeline
+
+For each: a fixed shape (a plain loop of training steps on batches of 512-token reviews): reviews/s, tokens/s,
+peak memory and the fraction of the FLOP bound (the card's bf16 matmul rate, measured in the same run);
+and one epoch of the Trainer over real IMDb reviews: wall time, reviews/s, real tokens/s, peak memory.
+Then predict() throughput with the QLoRA model.
+
+    python benchmarks/bench.py --data ../shared/data/imdb/train.parquet          # GPU, about 5 minutes
+    python benchmarks/bench.py --tiny --data tests/data/imdb_train.parquet       # CPU smoke test
+
+Prints a table and writes --out (default benchmarks/results.json).
+"""
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+import peft_qlora  # noqa: E402
+
+MODES = ("qlora", "naive", "lora", "full")
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True, help="parquet of reviews (text column): real lengths for the epoch")
+    p.add_argument("--tiny", action="store_true", help="a 2-layer model and a few steps: a smoke test for CPUs")
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=32, help="fixed-shape loop batch; the project's default too")
+    p.add_argument("--steps", type=int, default=20, help="timed steps of the fixed-shape loop")
+    p.add_argument("--epoch-reviews", default="all", help="reviews in the timed epoch, or 'all'")
+    p.add_argument("--predict-reviews", type=int, default=5000)
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--out", default=os.path.join(HERE, "results.json"))
+    return p.parse_args()
+
+
+def sync():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def reset_memory():
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def matmul_peak_tflops():
+    """The card's dense bf16 matrix-multiply rate, measured: the FLOP bound's numerator."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    sync()
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    sync()
+    return 10 * 2 * 8192**3 / (time.perf_counter() - start) / 1e12
+
+
+def flops_per_review(config, seq, full):
+    """Matrix FLOPs of one review: forward, plus activation gradients (and weight gradients for full)."""
+    d, layers, ff = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    linear = layers * (4 * d * d + 2 * d * ff)
+    forward = 2 * linear * seq + layers * 4 * seq * seq * d  # projections and MLP; QK^T and AV
+    return forward * (3 if full else 2)
+
+
+def make_model_folder(tiny):
+    """A randomly initialised BERT saved with the bert-base-uncased WordPiece vocabulary."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    config = (BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
+              if tiny else BertConfig())
+    torch.manual_seed(0)
+    folder = tempfile.mkdtemp(prefix="bench-model-")
+    BertForSequenceClassification(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(os.path.join(HERE, "vocab")).save_pretrained(folder)
+    return folder, config
+
+
+def build(mode, folder, cfg, precision):
+    """The model each recipe trains."""
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    labels = ["neg", "pos"]
+    if mode == "qlora":
+        model, tokenizer, _ = peft_qlora.build_model(cfg, labels, precision)
+        return model, tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    device = {"": "cuda:0" if torch.cuda.is_available() else "cpu"}
+    half = torch.bfloat16 if precision == "bf16" else torch.float32
+    lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16, lora_dropout=0.1,
+                      target_modules=["query", "value"])
+    if mode == "naive":  # the same 4-bit model (a quantized head would crash), prepared with peft's defaults
+        model = AutoModelForSequenceClassification.from_pretrained(
+            folder, **peft_qlora.quantized_load_kwargs(labels, precision))
+        return get_peft_model(prepare_model_for_kbit_training(model), lora), tokenizer
+    if mode == "lora":
+        model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2, dtype=half,
+                                                                   device_map=device)
+        model = get_peft_model(model, lora)
+        for p in model.parameters():  # adapters and head train in fp32, as in the QLoRA path
+            if p.requires_grad:
+                p.data = p.data.float()
+        return model, tokenizer
+    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2, dtype=torch.float32,
+                                                               device_map=device)
+    return model, tokenizer
+
+
+def fixed_shape(model, args, precision, vocab_size):
+    """Training steps on full 512-token batches in a plain loop: the rate the FLOP bound is compared with."""
+    import torch
+
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, vocab_size, (args.batch_size, args.max_length), generator=gen).to(device)
+    labels = torch.randint(0, 2, (args.batch_size,), generator=gen).to(device)
+    mask = torch.ones_like(ids)
+    model.train()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def step():
+        with autocast:
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    reset_memory()
+    sync()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync()
+    seconds = time.perf_counter() - start
+    return args.steps * args.batch_size / seconds, peft_qlora.peak_memory()
+
+
+def one_epoch(mode, model, tokenizer, texts, cfg, precision, workdir):
+    """One epoch of the Trainer over real reviews, as each recipe feeds them."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    data = Dataset.from_dict({"text": texts, "labels": [i % 2 for i in range(len(texts))]})
+    if mode == "naive":
+        data = data.map(lambda b: tokenizer(b["text"], padding="max_length", truncation=True,
+                                            max_length=cfg.max_length), batched=True, remove_columns=["text"])
+        trainer = Trainer(model=model, train_dataset=data, args=TrainingArguments(
+            output_dir=workdir, num_train_epochs=1, bf16=precision == "bf16", label_names=["labels"],
+            save_strategy="no", report_to="none", disable_tqdm=True))
+    else:
+        data = peft_qlora.tokenize(data, tokenizer, cfg.max_length)
+        trainer = peft_qlora.make_trainer(model, tokenizer, data, data.select(range(8)), cfg, precision, workdir)
+        trainer.args.eval_strategy = trainer.args.save_strategy = "no"  # time training alone
+        trainer.args.disable_tqdm = True
+    reset_memory()
+    start = time.perf_counter()
+    trainer.train()
+    sync()
+    seconds = time.perf_counter() - start
+    real_tokens = sum(min(len(ids), cfg.max_length) for ids in tokenizer(texts, truncation=True,
+                                                                           max_length=cfg.max_length)["input_ids"])
+    return {"epoch_s": seconds, "epoch_reviews_per_s": len(texts) / seconds,
+            "epoch_tokens_per_s": real_tokens / seconds, "epoch_peak_memory_gib": peft_qlora.peak_memory() / 2**30,
+            "batch_size": trainer.args.per_device_train_batch_size}
+
+
+def main():
+    import pyarrow.parquet as pq
+    import torch
+
+    args = parse_args()
+    texts = pq.read_table(args.data, columns=["text"]).column("text").to_pylist()
+    epoch_texts = texts if args.epoch_reviews == "all" else texts[:int(args.epoch_reviews)]
+    folder, config = make_model_folder(args.tiny)
+    precision = peft_qlora.choose_precision("auto")
+    workdir = tempfile.mkdtemp(prefix="bench-run-")
+    cfg = peft_qlora.parse_args(["--model", folder, "--max-length", str(args.max_length),
+                                 "--batch-size", str(args.batch_size), "--output-dir", workdir])
+    peak = matmul_peak_tflops()
+    rows = {}
+    for mode in args.modes:
+        reset_memory()
+        model, tokenizer = build(mode, folder, cfg, precision)
+        rate, memory = fixed_shape(model, args, precision, config.vocab_size)
+        row = {"reviews_per_s": rate, "tokens_per_s": rate * args.max_length, "peak_memory_gib": memory / 2**30}
+        if peak:
+            row["flop_bound_fraction"] = rate * flops_per_review(config, args.max_length, mode == "full") / (peak * 1e12)
+        del model
+        reset_memory()
+        model, tokenizer = build(mode, folder, cfg, precision)  # fresh weights and optimizer for the epoch
+        row.update(one_epoch(mode, model, tokenizer, epoch_texts, cfg, precision, workdir))
+        if mode == "qlora":
+            classifier = peft_qlora.Classifier(model, tokenizer, ["neg", "pos"], args.max_length, precision)
+            sample = texts[:args.predict_reviews]
+            peft_qlora.classify(classifier, sample[:256], cfg.eval_batch_size)  # warm-up
+            sync()
+            start = time.perf_counter()
+            peft_qlora.classify(classifier, sample, cfg.eval_batch_size)
+            sync()
+            row["predict_reviews_per_s"] = len(sample) / (time.perf_counter() - start)
+        rows[mode] = row
+        del model
+        print(mode, json.dumps(row), flush=True)
+
+    device = peft_qlora.device_name()
+    result = {"device": device, "precision": precision, "bf16_matmul_tflops": peak, "max_length": args.max_length,
+              "batch_size": args.batch_size, "epoch_reviews": len(epoch_texts), "tiny": args.tiny,
+              "versions": peft_qlora.versions(), "modes": rows, "command": " ".join(sys.argv)}
+    if "qlora" in rows:
+        result["ratios"] = {f"qlora_vs_{m}": {"epoch_speed": rows[m]["epoch_s"] / rows["qlora"]["epoch_s"],
+                                              "fixed_shape_speed": rows["qlora"]["reviews_per_s"] / rows[m]["reviews_per_s"],
+                                              "peak_memory": rows["qlora"]["peak_memory_gib"] / rows[m]["peak_memory_gib"]}
+                            for m in rows if m != "qlora"}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"\n{device}, {precision}, seq {args.max_length}, matmul peak "
+          f"{peak:.0f} TFLOP/s" if peak else f"\n{device}, {precision}, seq {args.max_length}")
+    print("| mode | reviews/s (seq 512) | tokens/s | % FLOP bound | peak GiB | epoch s | epoch reviews/s | "
+          "epoch tokens/s | epoch peak GiB |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for mode, r in rows.items():
+        bound = f"{100 * r['flop_bound_fraction']:.1f}" if "flop_bound_fraction" in r else "n/a"
+        print(f"| {mode} | {r['reviews_per_s']:.1f} | {r['tokens_per_s']:.0f} | {bound} | {r['peak_memory_gib']:.2f} | "
+              f"{r['epoch_s']:.1f} | {r['epoch_reviews_per_s']:.1f} | {r['epoch_tokens_per_s']:.0f} | "
+              f"{r['epoch_peak_memory_gib']:.2f} |")
+    if "qlora" in rows:
+        print(f"\npredict(): {rows['qlora']['predict_reviews_per_s']:.1f} reviews/s")
+        for name, ratio in result["ratios"].items():
+            print(f"{name}: epoch {ratio['epoch_speed']:.2f}x faster, fixed shape {ratio['fixed_shape_speed']:.2f}x, "
+                  f"peak memory {ratio['peak_memory']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
