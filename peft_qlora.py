@@ -84,7 +84,9 @@ class Config:
     train_size: int | None = _opt(
         4000, "training texts drawn, balanced by label, or 'all' (4000 trains in minutes on a T4)", type=_size)
     eval_size: int | None = _opt(2000, "evaluation texts drawn, balanced by label, or 'all'", type=_size)
-    max_length: int = _opt(256, "tokens kept per text; longer texts are truncated", type=_positive_int)
+    max_length: int = _opt(256, "tokens kept per text, special tokens included", type=_positive_int)
+    truncation: str = _opt("head", "which tokens of a longer text to keep: the first, the last, or the first quarter "
+                           "and the last three quarters", choices=["head", "tail", "head+tail"])
     # --- model and 4-bit quantization (NF4, double quantization, compute in the training precision) ---
     model: str = _opt("bert-base-uncased", "model on the hub or a local folder")
     # --- LoRA ---
@@ -341,10 +343,26 @@ def balanced_subset(labels: list[int], size: int, seed: int) -> list[int]:
     return chosen
 
 
-def tokenize(dataset, tokenizer, max_length: int, sort_by_length: bool = False):
-    """Tokenise once, truncating; padding happens per batch in the collator, so short texts stay cheap.
-    Sorting (for evaluation, where order does not matter) puts texts of similar length in the same batch."""
-    dataset = dataset.map(lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_length),
+def encode(tokenizer, texts: list[str], max_length: int, truncation: str) -> list[list[int]]:
+    """Token ids of each text, cut to max_length (special tokens included) keeping its head, tail or both."""
+    specials = tokenizer.num_special_tokens_to_add()  # [CLS] and [SEP] for BERT
+    budget = max_length - specials
+    head = {"head": budget, "tail": 0, "head+tail": budget // 4}[truncation]
+    encoded = []
+    tokens = tokenizer(texts, return_special_tokens_mask=True)  # whole texts: cut below
+    for ids, special in zip(tokens["input_ids"], tokens["special_tokens_mask"]):
+        if len(ids) > max_length:
+            front = special.index(0)  # special tokens before the text; the rest come after it
+            body = ids[front:len(ids) - (specials - front)]
+            ids = ids[:front] + body[:head] + body[len(body) - (budget - head):] + ids[len(ids) - (specials - front):]
+        encoded.append(ids)
+    return encoded
+
+
+def tokenize(dataset, tokenizer, max_length: int, truncation: str, sort_by_length: bool = False):
+    """Tokenise once; padding happens per batch in the collator, so short texts stay cheap. Sorting (for
+    evaluation, where order does not matter) puts texts of similar length in the same batch."""
+    dataset = dataset.map(lambda batch: {"input_ids": encode(tokenizer, batch["text"], max_length, truncation)},
                           batched=True, remove_columns=["text"], desc="Tokenising")
     if sort_by_length:
         lengths = [len(ids) for ids in dataset["input_ids"]]
@@ -632,6 +650,7 @@ class Classifier(NamedTuple):
     tokenizer: Any
     label_names: list[str]
     max_length: int
+    truncation: str
     precision: str
 
 
@@ -656,7 +675,7 @@ def load_classifier(model_dir: str) -> Classifier:
         model_dir, **quantized_load_kwargs(saved["label_names"], precision))
     prepare_4bit_layers(model)
     return Classifier(model, AutoTokenizer.from_pretrained(model_dir), saved["label_names"],
-                      saved["config"]["max_length"], precision)
+                      saved["config"]["max_length"], saved["config"]["truncation"], precision)
 
 
 def classify(classifier: Classifier, texts: list[str], batch_size: int) -> list[list[float]]:
@@ -668,7 +687,7 @@ def classify(classifier: Classifier, texts: list[str], batch_size: int) -> list[
     device = next(model.parameters()).device
     autocast = torch.autocast(device.type, dtype=getattr(torch, DTYPES[classifier.precision]),
                               enabled=classifier.precision != "fp32")
-    encoded = tokenizer(texts, truncation=True, max_length=classifier.max_length)["input_ids"]
+    encoded = encode(tokenizer, texts, classifier.max_length, classifier.truncation)
     order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))  # similar lengths batch with little padding
     probabilities: list = [None] * len(texts)
     with torch.inference_mode(), autocast:
@@ -744,8 +763,8 @@ def run(cfg: Config) -> dict:
     set_seed(cfg.seed)  # before the model: the new head and the LoRA matrices start from it
     train_ds, eval_ds, label_names = load_data(cfg)
     model, tokenizer, model_info = build_model(cfg, label_names, precision)
-    train_ds = tokenize(train_ds, tokenizer, cfg.max_length)
-    eval_ds = tokenize(eval_ds, tokenizer, cfg.max_length, sort_by_length=True)
+    train_ds = tokenize(train_ds, tokenizer, cfg.max_length, cfg.truncation)
+    eval_ds = tokenize(eval_ds, tokenizer, cfg.max_length, cfg.truncation, sort_by_length=True)
     trainer = make_trainer(model, tokenizer, train_ds, eval_ds, cfg, precision, checkpoints)
     before = evaluate(trainer, "Before training")
     history, run_info = train(trainer, cfg.resume)
@@ -758,7 +777,7 @@ def run(cfg: Config) -> dict:
     save(model, tokenizer, metrics, model_dir)  # before the charts, so a plotting failure cannot lose it
     shutil.rmtree(checkpoints)  # the saved model supersedes them
     _CLASSIFIERS[_TRAINED] = _CLASSIFIERS[os.path.abspath(model_dir)] = Classifier(
-        model, tokenizer, label_names, cfg.max_length, precision)
+        model, tokenizer, label_names, cfg.max_length, cfg.truncation, precision)
     try:
         plot(metrics, cfg.images_dir)
     except OSError as e:

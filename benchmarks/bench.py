@@ -183,7 +183,7 @@ def one_epoch(mode, model, tokenizer, texts, cfg, precision, workdir):
             output_dir=workdir, num_train_epochs=1, bf16=precision == "bf16", label_names=["labels"],
             save_strategy="no", report_to="none", disable_tqdm=True))
     else:
-        data = peft_qlora.tokenize(data, tokenizer, cfg.max_length)
+        data = peft_qlora.tokenize(data, tokenizer, cfg.max_length, cfg.truncation)
         trainer = peft_qlora.make_trainer(model, tokenizer, data, data.select(range(8)), cfg, precision, workdir)
         trainer.args.eval_strategy = trainer.args.save_strategy = "no"  # time training alone
         trainer.args.disable_tqdm = True
@@ -225,7 +225,8 @@ def main():
         model, tokenizer = build(mode, folder, cfg, precision)  # fresh weights and optimizer for the epoch
         row.update(one_epoch(mode, model, tokenizer, epoch_texts, cfg, precision, workdir))
         if mode == "qlora":
-            classifier = peft_qlora.Classifier(model, tokenizer, ["neg", "pos"], args.max_length, precision)
+            classifier = peft_qlora.Classifier(model, tokenizer, ["neg", "pos"], args.max_length, cfg.truncation,
+                                               precision)
             sample = texts[:args.predict_reviews]
             peft_qlora.classify(classifier, sample[:256], cfg.eval_batch_size)  # warm-up
             sync()

@@ -40,11 +40,13 @@ def vocab_file(tmp_path_factory):
 
 def save_tiny_model(folder, config, vocab_file):
     import torch
-    from transformers import AutoModel, BertTokenizerFast
+    from transformers import AutoModel, BertTokenizer
 
     torch.manual_seed(0)
     AutoModel.from_config(config).save_pretrained(folder)
-    BertTokenizerFast(vocab_file=vocab_file).save_pretrained(folder)
+    tokenizer = BertTokenizer(vocab=vocab_file)
+    assert tokenizer.unk_token_id not in tokenizer("the movie was good")["input_ids"], "the vocabulary loaded"
+    tokenizer.save_pretrained(folder)
     return str(folder)
 
 

@@ -76,10 +76,33 @@ def test_tokenize_truncates_and_leaves_padding_to_the_batch(tiny_bert):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
     ds = Dataset.from_dict({"text": ["short", "a much longer text " * 50], "labels": [0, 1]})
-    out = peft_qlora.tokenize(ds, tokenizer, max_length=16)
+    out = peft_qlora.tokenize(ds, tokenizer, max_length=16, truncation="head")
     lengths = [len(ids) for ids in out["input_ids"]]
     assert lengths[0] < 16 and lengths[1] == 16
     assert "text" not in out.column_names and out["labels"] == [0, 1]
+    by_length = peft_qlora.tokenize(ds.select([1, 0]), tokenizer, 16, "head", sort_by_length=True)
+    assert by_length["labels"] == [0, 1]
+
+
+@pytest.mark.parametrize("truncation, kept", [
+    ("head", "one two three four five six seven eight nine ten eleven twelve thirteen fourteen"),
+    ("tail", "seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen twenty"),
+    ("head+tail", "one two three nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen "
+                  "twenty"),
+])
+def test_truncation_keeps_the_head_the_tail_or_both(truncation, kept, tmp_path):
+    from transformers import BertTokenizer
+
+    words = ("one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+             "seventeen eighteen nineteen twenty").split()
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tokenizer = BertTokenizer(vocab=str(vocab))
+    budget = len(kept.split()) + 2
+    [ids] = peft_qlora.encode(tokenizer, [" ".join(words)], max_length=budget, truncation=truncation)
+    assert tokenizer.decode(ids) == f"[CLS] {kept} [SEP]"
+    [short] = peft_qlora.encode(tokenizer, ["three four"], max_length=budget, truncation=truncation)
+    assert tokenizer.decode(short) == "[CLS] three four [SEP]"
 
 
 def test_eval_labels_unseen_in_training_are_refused(tmp_path):
