@@ -696,7 +696,8 @@ def classify(classifier: Classifier, texts: list[str], batch_size: int) -> list[
     with torch.inference_mode(), autocast:
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
-            batch = tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="pt").to(device)
+            batch = tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="pt",
+                                  pad_to_multiple_of=64 if device.type == "cuda" else None).to(device)
             for i, p in zip(rows, model(**batch).logits.float().softmax(-1).tolist()):
                 probabilities[i] = p
     return probabilities
