@@ -1,0 +1,28 @@
+"""The benchmark's CPU smoke run: every mode runs end to end and the results file has every column.
+
+No timing is asserted: the numbers that matter come from a GPU (see the README)."""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import DATA, ROOT
+
+
+def test_the_benchmark_runs_every_mode_on_a_tiny_model(tmp_path):
+    out = tmp_path / "results.json"
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "bench.py"), "--tiny", "--data",
+         os.path.join(DATA, "imdb_train.parquet"), "--max-length", "128", "--epoch-reviews", "32", "--steps", "1",
+         "--predict-reviews", "32", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["modes"]) == {"qlora", "naive", "lora", "full"}
+    for row in report["modes"].values():
+        assert row["reviews_per_s"] > 0 and row["epoch_s"] > 0 and row["full_epoch_s"] > 0
+        assert row["epoch_tokens_per_s"] > 0 and row["peak_memory_gib"] > 0
+    assert report["modes"]["naive"]["batch_size"] == 8  # the Trainer's default, as in the notebook
+    assert report["modes"]["qlora"]["predict_reviews_per_s"] > 0
+    assert set(report["ratios"]) == {"qlora_vs_naive", "qlora_vs_lora", "qlora_vs_full"}
+    assert "| qlora |" in result.stdout and "| naive |" in result.stdout
