@@ -26,7 +26,6 @@ import random
 import shutil
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, NamedTuple
 
@@ -82,10 +81,10 @@ class Config:
     label_names: list[str] | None = _opt(
         None, "names for integer labels 0..k-1 (default for two classes: neg pos, as IMDb's)", nargs="+")
     train_size: int | None = _opt(
-        4000, "training texts drawn, balanced by label, or 'all' (4000 trains in minutes on a T4)", type=_size)
+        4000, "training texts drawn, balanced by label, or 'all' (4000: minutes on a T4, by the README's estimate)", type=_size)
     eval_size: int | None = _opt(2000, "evaluation texts drawn, balanced by label, or 'all'", type=_size)
-    max_length: int = _opt(512, "tokens kept per text, special tokens included (BERT's most; half of IMDb's "
-                           "reviews are longer, and every token kept helps: see the README)", type=_positive_int)
+    max_length: int = _opt(512, "tokens kept per text, special tokens included (BERT's most; 14%% of IMDb's "
+                           "reviews are longer, 44%% are longer than 256, and more tokens scored better)", type=_positive_int)
     truncation: str = _opt("head+tail", "which tokens of a longer text to keep: the first, the last, or the first "
                            "quarter and the last three quarters (a review's verdict is often at its end)",
                            choices=["head", "tail", "head+tail"])
@@ -106,7 +105,7 @@ class Config:
                                 type=_positive_int)
     precision: str = _opt("auto", "auto: bf16 on GPUs with compute capability 8.0+, fp16 on older GPUs (T4), "
                           "fp32 on the CPU", choices=["auto", "bf16", "fp16", "fp32"])
-    gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass: less memory, ~30%% slower")
+    gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass: less memory, slower steps")
     seed: int = _opt(42, "seed for the data subset, the new head, LoRA and the data order", type=int)
     # --- output ---
     output_dir: str = _opt("outputs/imdb_qlora", "checkpoints go to OUTPUT_DIR/checkpoints, the model to OUTPUT_DIR/model")
@@ -193,7 +192,8 @@ def check_output_dir(cfg: Config) -> str:
     if cfg.resume:
         if not has_checkpoints:
             raise UserError(f"--resume found no checkpoint in {checkpoints}: run without --resume to start afresh")
-        saved = json.load(open(os.path.join(checkpoints, "run_config.json")))
+        with open(os.path.join(checkpoints, "run_config.json")) as f:
+            saved = json.load(f)
         changed = {k for k, v in run_settings(cfg).items() if saved.get(k) != v}
         if changed:
             raise UserError("--resume continues a run with the same settings, but these differ from the "
@@ -458,7 +458,7 @@ def build_model(cfg: Config, label_names: list[str], precision: str):
     quantized_layers = prepare_4bit_layers(model)
     # Freezes the base and upcasts what is not 4-bit (layer norms, embeddings, head) to fp32: the head then
     # trains in fp32, so fp16 mixed precision never has to unscale fp16 gradients. Gradient checkpointing
-    # would be on by default; it costs ~30% speed and bert-base fits a T4 without it.
+    # would be on by default; it slows every step (benchmarks/NOTES.md) and bert-base fits a T4 without it.
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
 
     model_type = model.config.model_type
@@ -587,6 +587,9 @@ def save(model, tokenizer, metrics: dict, model_dir: str) -> None:
     parent = os.path.dirname(os.path.abspath(model_dir))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".model-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's folder is private (0700); a model folder is not
     try:
         model.save_pretrained(staging)  # the LoRA adapter and the trained head, not the 4-bit base
         tokenizer.save_pretrained(staging)

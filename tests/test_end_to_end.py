@@ -40,6 +40,9 @@ def test_cli_trains_saves_and_draws(trained):
     assert metrics["precision"] == "fp32" and metrics["versions"]["bitsandbytes"]
     assert "Trainable parameters:" in result.stderr and "Model memory:" in result.stderr
     assert not (out / "checkpoints").exists(), "the saved model supersedes the checkpoints"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "model").stat().st_mode & 0o777 == 0o777 & ~umask, "a normal folder, not a private temp one"
     assert [p.name for p in out.iterdir() if p.name.startswith(".model-")] == [], "no staging folder left behind"
 
 
