@@ -351,7 +351,8 @@ def encode(tokenizer, texts: list[str], max_length: int, truncation: str) -> lis
     budget = max_length - specials
     head = {"head": budget, "tail": 0, "head+tail": budget // 4}[truncation]
     encoded = []
-    tokens = tokenizer(texts, return_special_tokens_mask=True)  # whole texts: cut below
+    # Whole texts, cut below; verbose=False drops the "longer than the maximum length" warning this would raise
+    tokens = tokenizer(texts, return_special_tokens_mask=True, verbose=False)
     for ids, special in zip(tokens["input_ids"], tokens["special_tokens_mask"]):
         if len(ids) > max_length:
             front = special.index(0)  # special tokens before the text; the rest come after it
