@@ -81,10 +81,12 @@ class Config:
     label_names: list[str] | None = _opt(
         None, "names for integer labels 0..k-1 (default for two classes: neg pos, as IMDb's)", nargs="+")
     train_size: int | None = _opt(
-        4000, "training texts drawn, balanced by label, or 'all' (4000: minutes on a T4, by the README's estimate)", type=_size)
+        4000, "training texts drawn, balanced by label, or 'all' (4000: minutes on a T4, by the README's estimate)",
+        type=_size)
     eval_size: int | None = _opt(2000, "evaluation texts drawn, balanced by label, or 'all'", type=_size)
     max_length: int = _opt(512, "tokens kept per text, special tokens included (BERT's most; 14%% of IMDb's "
-                           "reviews are longer, 44%% are longer than 256, and more tokens scored better)", type=_positive_int)
+                           "reviews are longer, 44%% are longer than 256, and more tokens scored better)",
+                           type=_positive_int)
     truncation: str = _opt("head+tail", "which tokens of a longer text to keep: the first, the last, or the first "
                            "quarter and the last three quarters (a review's verdict is often at its end)",
                            choices=["head", "tail", "head+tail"])
@@ -108,7 +110,8 @@ class Config:
     gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass: less memory, slower steps")
     seed: int = _opt(42, "seed for the data subset, the new head, LoRA and the data order", type=int)
     # --- output ---
-    output_dir: str = _opt("outputs/imdb_qlora", "checkpoints go to OUTPUT_DIR/checkpoints, the model to OUTPUT_DIR/model")
+    output_dir: str = _opt("outputs/imdb_qlora",
+                           "checkpoints go to OUTPUT_DIR/checkpoints, the model to OUTPUT_DIR/model")
     images_dir: str = _opt("images", "where bar_chart.png and line_chart.png are drawn")
     resume: bool = _opt(False, "continue an interrupted run from its last checkpoint")
     overwrite: bool = _opt(False, "replace the model (and checkpoints) an earlier run left in --output-dir")
@@ -242,10 +245,11 @@ def load_data(cfg: Config):
 
     feature = splits["train"].features[cfg.label_column]
     label_names = label_names_for(columns, getattr(feature, "names", None), cfg.label_names)
+    label_ids = {name: i for i, name in enumerate(label_names)}
     out = []
     for split, size, flag in (("train", cfg.train_size, "--train-size"), ("test", cfg.eval_size, "--eval-size")):
         texts, labels = columns[split]
-        ids = [label_names.index(str(y)) if isinstance(y, str) else y for y in labels]
+        ids = [label_ids[y] if isinstance(y, str) else y for y in labels]
         if size is not None and size > len(ids):
             raise UserError(f"{flag} {size} is more than the {len(ids)} rows of the {split} data: "
                             f"ask for fewer, or {flag} all")
@@ -267,7 +271,8 @@ def read_file(path: str, flag: str):
     try:
         return load_dataset(builder, data_files=path, split="train")
     except Exception as e:  # datasets, pandas and pyarrow each raise their own kind
-        raise UserError(f"{flag} {path}: cannot read it as {builder}, or it has no rows ({type(e).__name__}: {e})") from e
+        raise UserError(f"{flag} {path}: cannot read it as {builder}, or it has no rows "
+                        f"({type(e).__name__}: {e})") from e
 
 
 def read_hub_dataset(name: str) -> dict:
@@ -619,7 +624,8 @@ def plot(metrics: dict, images_dir: str) -> list[str]:
     bar = Figure(figsize=(6, 4), layout="constrained")
     ax = bar.subplots()
     width = 0.38
-    for offset, (name, values) in zip((-width / 2, width / 2), (("before training", before), ("after training", after))):
+    phases = (("before training", before), ("after training", after))
+    for offset, (name, values) in zip((-width / 2, width / 2), phases):
         bars = ax.bar([i + offset for i in range(2)], [values["accuracy"], values["f1"]], width, label=name)
         ax.bar_label(bars, fmt="%.3f", padding=2)
     ax.set_xticks(range(2), ["Accuracy", "F1"])

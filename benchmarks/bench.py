@@ -192,8 +192,8 @@ def one_epoch(mode, model, tokenizer, texts, cfg, precision, workdir):
     trainer.train()
     sync()
     seconds = time.perf_counter() - start
-    real_tokens = sum(min(len(ids), cfg.max_length) for ids in tokenizer(texts, truncation=True,
-                                                                           max_length=cfg.max_length)["input_ids"])
+    # Tokens each review really has at this length (padding not counted), the same for every recipe
+    real_tokens = sum(map(len, peft_qlora.encode(tokenizer, texts, cfg.max_length, "head")))
     return {"epoch_s": seconds, "epoch_reviews_per_s": len(texts) / seconds,
             "epoch_tokens_per_s": real_tokens / seconds, "epoch_peak_memory_gib": peft_qlora.peak_memory() / 2**30,
             "batch_size": trainer.args.per_device_train_batch_size}
@@ -219,7 +219,8 @@ def main():
         rate, memory = fixed_shape(model, args, precision, config.vocab_size)
         row = {"reviews_per_s": rate, "tokens_per_s": rate * args.max_length, "peak_memory_gib": memory / 2**30}
         if peak:
-            row["flop_bound_fraction"] = rate * flops_per_review(config, args.max_length, mode == "full") / (peak * 1e12)
+            flops = flops_per_review(config, args.max_length, full=mode == "full")
+            row["flop_bound_fraction"] = rate * flops / (peak * 1e12)
         del model
         reset_memory()
         model, tokenizer = build(mode, folder, cfg, precision)  # fresh weights and optimizer for the epoch
@@ -249,10 +250,11 @@ def report(rows, args, peak, precision, epoch_reviews, all_reviews):
     for row in rows.values():  # an epoch over every review of --data, from the rate measured on epoch_reviews
         row["full_epoch_s"] = all_reviews / row["epoch_reviews_per_s"]
     if "qlora" in rows:
-        result["ratios"] = {f"qlora_vs_{m}": {"epoch_speed": rows[m]["epoch_s"] / rows["qlora"]["epoch_s"],
-                                              "fixed_shape_speed": rows["qlora"]["reviews_per_s"] / rows[m]["reviews_per_s"],
-                                              "peak_memory": rows["qlora"]["peak_memory_gib"] / rows[m]["peak_memory_gib"]}
-                            for m in rows if m != "qlora"}
+        q = rows["qlora"]
+        result["ratios"] = {f"qlora_vs_{m}": {"epoch_speed": r["epoch_s"] / q["epoch_s"],
+                                              "fixed_shape_speed": q["reviews_per_s"] / r["reviews_per_s"],
+                                              "peak_memory": q["peak_memory_gib"] / r["peak_memory_gib"]}
+                            for m, r in rows.items() if m != "qlora"}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
@@ -261,8 +263,9 @@ def report(rows, args, peak, precision, epoch_reviews, all_reviews):
 
 def print_table(result):
     rows, peak, device = result["modes"], result["bf16_matmul_tflops"], result["device"]
+    matmul = f", bf16 matmul {peak:.0f} TFLOP/s" if peak else ""
     print(f"\n{device}, {result['precision']}, seq {result['max_length']}, batch {result['batch_size']}, "
-          f"epoch rate measured on {result['epoch_reviews']} reviews" + (f", bf16 matmul {peak:.0f} TFLOP/s" if peak else ""))
+          f"epoch rate measured on {result['epoch_reviews']} reviews{matmul}")
     print("| mode | reviews/s (fixed shape) | tokens/s | % FLOP bound | peak GiB | epoch s (all reviews) | "
           "epoch reviews/s | epoch tokens/s | epoch peak GiB |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
