@@ -8,18 +8,21 @@ On a bert-base-shaped model (random BertConfig() weights: the same FLOPs and byt
           padded to 512, random order, default Trainer settings (batch 8), bf16
   lora    plain LoRA (same config) on a bf16 base, no quantization, the project's data pipeline
   full    full fine-tuning in bf16 mixed precision, the project's data pipeline
+  qlora-compile, lora-compile   the same with torch.compile (peft_qlora.py --compile); the epoch includes
+          the compilation, the fixed-shape rate does not (its warm-up does)
 
 For each: a fixed shape (a plain loop of training steps on batches of 512-token reviews): reviews/s, tokens/s,
 peak memory and the fraction of the FLOP bound (the card's bf16 matmul rate, measured in the same run);
 and one epoch of the Trainer over real IMDb reviews: wall time, reviews/s, real tokens/s, peak memory.
 Then predict() throughput with the QLoRA model.
 
-    python benchmarks/bench.py --data ../shared/data/imdb/train.parquet          # GPU, about 5 minutes
+    python benchmarks/bench.py --data ../shared/data/imdb/train.parquet          # GPU, about 8 minutes
     python benchmarks/bench.py --tiny --data tests/data/imdb_train.parquet       # CPU smoke test
 
 Prints a table and writes --out (default benchmarks/results.json).
 """
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -32,7 +35,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import peft_qlora  # noqa: E402
 
-MODES = ("qlora", "naive", "lora", "full")
+MODES = ("qlora", "naive", "lora", "full", "qlora-compile", "lora-compile")
 
 
 def parse_args():
@@ -44,7 +47,7 @@ def parse_args():
     p.add_argument("--steps", type=int, default=20, help="timed steps of the fixed-shape loop")
     p.add_argument("--epoch-reviews", default="all", help="reviews in the timed epoch, or 'all'")
     p.add_argument("--predict-reviews", type=int, default=5000)
-    p.add_argument("--modes", nargs="+", default=["qlora", "lora", "full", "naive"], choices=MODES)
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--out", default=os.path.join(HERE, "results.json"))
     return p.parse_args()
 
@@ -112,6 +115,7 @@ def build(mode, folder, cfg, precision):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     labels = ["neg", "pos"]
+    mode = mode.removesuffix("-compile")  # torch.compile wraps the same model
     if mode == "qlora":
         model, tokenizer, _ = peft_qlora.build_model(cfg, labels, precision)
         return model, tokenizer
@@ -158,8 +162,11 @@ def fixed_shape(model, args, precision, vocab_size):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    start = time.perf_counter()
     for _ in range(3):
         step()
+    sync()
+    warmup = time.perf_counter() - start  # with torch.compile: mostly the compilation
     reset_memory()
     sync()
     start = time.perf_counter()
@@ -167,7 +174,7 @@ def fixed_shape(model, args, precision, vocab_size):
         step()
     sync()
     seconds = time.perf_counter() - start
-    return args.steps * args.batch_size / seconds, peft_qlora.peak_memory()
+    return args.steps * args.batch_size / seconds, peft_qlora.peak_memory(), warmup
 
 
 def one_epoch(mode, model, tokenizer, texts, cfg, precision, workdir):
@@ -214,20 +221,25 @@ def main():
     peak = matmul_peak_tflops()
     rows = {}
     for mode in args.modes:
+        compiled = mode.endswith("-compile")
+        mode_cfg = dataclasses.replace(cfg, compile=compiled)
         reset_memory()
-        model, tokenizer = build(mode, folder, cfg, precision)
-        rate, memory = fixed_shape(model, args, precision, config.vocab_size)
-        row = {"reviews_per_s": rate, "tokens_per_s": rate * args.max_length, "peak_memory_gib": memory / 2**30}
+        model, tokenizer = build(mode, folder, mode_cfg, precision)
+        rate, memory, warmup = fixed_shape(torch.compile(model) if compiled else model, args, precision,
+                                           config.vocab_size)
+        row = {"reviews_per_s": rate, "tokens_per_s": rate * args.max_length, "peak_memory_gib": memory / 2**30,
+               "warmup_s": warmup}
         if peak:
             flops = flops_per_review(config, args.max_length, full=mode == "full")
             row["flop_bound_fraction"] = rate * flops / (peak * 1e12)
         del model
+        torch._dynamo.reset()  # the epoch compiles afresh, so its time includes the compilation
         reset_memory()
-        model, tokenizer = build(mode, folder, cfg, precision)  # fresh weights and optimizer for the epoch
-        row.update(one_epoch(mode, model, tokenizer, epoch_texts, cfg, precision, workdir))
-        if mode == "qlora":
-            classifier = peft_qlora.Classifier(model, tokenizer, ["neg", "pos"], args.max_length, cfg.truncation,
-                                               precision)
+        model, tokenizer = build(mode, folder, mode_cfg, precision)  # fresh weights and optimizer for the epoch
+        row.update(one_epoch(mode, model, tokenizer, epoch_texts, mode_cfg, precision, workdir))
+        if mode == "qlora":  # served as predict() serves it
+            classifier = peft_qlora.make_classifier(model, tokenizer, ["neg", "pos"], args.max_length,
+                                                    cfg.truncation, precision)
             sample = texts[:args.predict_reviews]
             peft_qlora.classify(classifier, sample[:256], cfg.eval_batch_size)  # warm-up
             sync()
@@ -247,14 +259,14 @@ def report(rows, args, peak, precision, epoch_reviews, all_reviews):
     result = {"device": peft_qlora.device_name(), "precision": precision, "bf16_matmul_tflops": peak,
               "max_length": args.max_length, "batch_size": args.batch_size, "epoch_reviews": epoch_reviews,
               "tiny": args.tiny, "versions": peft_qlora.versions(), "modes": rows, "command": " ".join(sys.argv)}
-    for row in rows.values():  # an epoch over every review of --data, from the rate measured on epoch_reviews
-        row["full_epoch_s"] = all_reviews / row["epoch_reviews_per_s"]
-    if "qlora" in rows:
-        q = rows["qlora"]
-        result["ratios"] = {f"qlora_vs_{m}": {"epoch_speed": r["epoch_s"] / q["epoch_s"],
-                                              "fixed_shape_speed": q["reviews_per_s"] / r["reviews_per_s"],
-                                              "peak_memory": q["peak_memory_gib"] / r["peak_memory_gib"]}
-                            for m, r in rows.items() if m != "qlora"}
+    for mode, row in rows.items():  # an epoch over every review of --data, from the rate on epoch_reviews;
+        # not for compiled modes on a part of the data: their time includes the one-off compilation
+        partial_compiled = mode.endswith("-compile") and epoch_reviews < all_reviews
+        row["full_epoch_s"] = None if partial_compiled else all_reviews / row["epoch_reviews_per_s"]
+    result["ratios"] = {f"{q}_vs_{m}": {"epoch_speed": r["epoch_s"] / rows[q]["epoch_s"],
+                                        "fixed_shape_speed": rows[q]["reviews_per_s"] / r["reviews_per_s"],
+                                        "peak_memory": rows[q]["peak_memory_gib"] / r["peak_memory_gib"]}
+                        for q in rows if q.startswith("qlora") for m, r in rows.items() if not m.startswith("qlora")}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
@@ -271,13 +283,14 @@ def print_table(result):
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for mode, r in rows.items():
         bound = f"{100 * r['flop_bound_fraction']:.1f}" if "flop_bound_fraction" in r else "n/a"
+        full_epoch = "n/a" if r["full_epoch_s"] is None else f"{r['full_epoch_s']:.1f}"
         print(f"| {mode} | {r['reviews_per_s']:.1f} | {r['tokens_per_s']:.0f} | {bound} | {r['peak_memory_gib']:.2f} | "
-              f"{r['full_epoch_s']:.1f} | {r['epoch_reviews_per_s']:.1f} | {r['epoch_tokens_per_s']:.0f} | "
+              f"{full_epoch} | {r['epoch_reviews_per_s']:.1f} | {r['epoch_tokens_per_s']:.0f} | "
               f"{r['epoch_peak_memory_gib']:.2f} |")
     if "qlora" in rows:
         print(f"\npredict(): {rows['qlora']['predict_reviews_per_s']:.1f} reviews/s")
-        for name, ratio in result["ratios"].items():
-            print(f"{name}: epoch {ratio['epoch_speed']:.2f}x faster, fixed shape {ratio['fixed_shape_speed']:.2f}x, "
+    for name, ratio in result["ratios"].items():
+        print(f"{name}: epoch {ratio['epoch_speed']:.2f}x faster, fixed shape {ratio['fixed_shape_speed']:.2f}x, "
                   f"peak memory {ratio['peak_memory']:.2f}x")
 
 
