@@ -99,7 +99,8 @@ class Config:
     lora_targets: list[str] | None = _opt(
         None, "modules that get LoRA (default: the attention query and value of the architecture)", nargs="+")
     # --- training ---
-    epochs: int = _opt(2, "passes over the training set", type=_positive_int)
+    epochs: int = _opt(3, "passes over the training set (a third raised accuracy by 0.5 points on IMDb, README)",
+                       type=_positive_int)
     learning_rate: float = _opt(1e-3, "peak learning rate (LoRA and the new head want far more than full "
                                 "fine-tuning's ~3e-5)", type=_positive_float)
     batch_size: int = _opt(32, "training batch size", type=_positive_int)
@@ -120,9 +121,11 @@ class Config:
 
 
 DEFAULT_MODEL_DIR = os.path.join(Config.output_dir, "model")
-# Classification heads: trained from scratch, so kept out of 4-bit and saved with the adapter.
-HEAD_MODULES = ("pre_classifier", "classifier", "score")
-# BERT's pooler feeds the head directly; quantizing it adds error right before the decision.
+# What trains besides LoRA, so it stays out of 4-bit and is saved with the adapter: the new classification head,
+# and BERT's pooler, the dense layer between the encoder and BERT's one-layer head (RoBERTa's and DistilBERT's
+# heads hold such a layer themselves). Training the pooler too closed most of the gap to full fine-tuning (README).
+HEAD_MODULES = ("pre_classifier", "classifier", "score", "pooler")
+# The skip list matches whole module names or their ends: BERT's pooler is "pooler", holding "pooler.dense".
 UNQUANTIZED_MODULES = HEAD_MODULES + ("pooler.dense",)
 # Architectures peft has no default LoRA targets for.
 EXTRA_LORA_TARGETS = {"distilbert": ["q_lin", "v_lin"]}
@@ -479,6 +482,8 @@ def build_model(cfg: Config, label_names: list[str], precision: str):
         raise UserError(f"no default LoRA targets for model type {model_type!r}: name its attention projections "
                         "with --lora-targets (for example --lora-targets q_proj v_proj)")
     heads = [name for name, _ in model.named_children() if name in HEAD_MODULES]
+    if getattr(model.base_model, "pooler", None) is not None:  # BERT's (RoBERTa's classifier builds without one)
+        heads.append("pooler")
     lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                       lora_dropout=cfg.lora_dropout, target_modules=list(targets),
                       modules_to_save=list(heads))  # a copy: peft appends its own guesses to the list
@@ -732,8 +737,8 @@ def classify(classifier: Classifier, texts: list[str], batch_size: int) -> list[
     device = next(model.parameters()).device
     autocast = torch.autocast(device.type, dtype=getattr(torch, DTYPES[classifier.precision]),
                               enabled=classifier.precision != "fp32")
-    # Texts of similar length batch together with little padding; characters stand in for tokens, so each
-    # batch is tokenised just before it runs, while the GPU is still busy with the one before
+    # Texts of similar length batch together with little padding; sorting by characters rather than tokens
+    # lets each batch be tokenised just before it runs
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     logits = []
     with torch.inference_mode(), autocast:
@@ -742,7 +747,11 @@ def classify(classifier: Classifier, texts: list[str], batch_size: int) -> list[
                              classifier.truncation)
             batch = tokenizer.pad({"input_ids": encoded}, return_tensors="pt",
                                   pad_to_multiple_of=64 if device.type == "cuda" else None)
-            logits.append(model(**batch.to(device)).logits.float())  # kept on the device: no wait for the GPU
+            # From pinned memory the copy waits for nothing, and the logits stay on the device: the CPU
+            # prepares the next batch while the GPU runs this one
+            inputs = {k: v.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else v
+                      for k, v in batch.items()}
+            logits.append(model(**inputs).logits.float())
     probabilities: list = [None] * len(texts)
     for i, p in zip(order, torch.cat(logits).softmax(-1).tolist()):
         probabilities[i] = p

@@ -20,7 +20,7 @@ def tiny_models(tiny_bert, vocab_file, tmp_path_factory):
 
 
 EXPECTED = {  # LoRA targets peft (or this script, for DistilBERT) picks, and the heads that train
-    "bert": (["query", "value"], ["classifier"]),
+    "bert": (["query", "value"], ["classifier", "pooler"]),
     "roberta": (["query", "value"], ["classifier"]),
     "distilbert": (["q_lin", "v_lin"], ["pre_classifier", "classifier"]),
 }
@@ -44,8 +44,13 @@ def test_build_model_quantizes_the_body_and_trains_adapters_and_head(arch, tiny_
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or "modules_to_save" in n for n in trainable)
     assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable if "lora_" in n} == set(targets)
+    from peft.utils import ModulesToSaveWrapper
+
+    wrappers = {name.rsplit(".", 1)[-1]: m for name, m in model.named_modules()
+                if isinstance(m, ModulesToSaveWrapper)}
+    assert set(wrappers) == set(heads)
     for head in heads:
-        module = getattr(model.base_model.model, head).modules_to_save["default"]
+        module = wrappers[head].modules_to_save["default"]
         linears = [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
         assert linears and all(type(m) is torch.nn.Linear and m.weight.dtype == torch.float32 for m in linears)
     assert info["trainable_params"] == sum(p.numel() for n, p in model.named_parameters() if n in trainable)
@@ -62,13 +67,14 @@ def test_build_model_quantizes_the_body_and_trains_adapters_and_head(arch, tiny_
     assert lora_grad is not None and lora_grad.abs().sum() > 0
 
 
-def test_the_trainable_count_is_lora_plus_head(tiny_bert):
+def test_the_trainable_count_is_lora_plus_head_and_pooler(tiny_bert):
     cfg = peft_qlora.parse_args(["--model", tiny_bert, "--max-length", "64"])
     _, _, info = peft_qlora.build_model(cfg, ["a", "b", "c"], "fp32")
     hidden, layers, r = 64, 2, 8
     lora = layers * 2 * r * (hidden + hidden)  # query and value, A (r x in) and B (out x r)
     head = hidden * 3 + 3
-    assert info["trainable_params"] == lora + head
+    pooler = hidden * hidden + hidden
+    assert info["trainable_params"] == lora + head + pooler
     assert info["memory_4bit_bytes"] < info["memory_fp32_bytes"]
 
 
