@@ -1,0 +1,23 @@
+"""Scratch 3: predict() at bert-base shape after pinned copies: batch 128 vs 256, 4-bit vs dequantized."""
+import json, os, sys, time
+sys.path.insert(0, "benchmarks"); sys.path.insert(0, ".")
+import torch, bench, peft_qlora
+import pyarrow.parquet as pq
+OUT = os.environ.get("OUT", "/tmp")
+res = {"device": peft_qlora.device_name()}
+folder, config = bench.make_model_folder(False)
+cfg = peft_qlora.parse_args(["--model", folder, "--output-dir", "/tmp/x"])
+texts = pq.read_table(".gpu/imdb/train.parquet", columns=["text"]).column("text").to_pylist()[:5000]
+model, tok = bench.build("qlora", folder, cfg, "bf16")
+def timed(name, c, bs):
+    peft_qlora.classify(c, texts[:256], bs); bench.sync()
+    t = time.perf_counter(); peft_qlora.classify(c, texts, bs); bench.sync()
+    res[name] = len(texts) / (time.perf_counter() - t); print(name, res[name], flush=True)
+model.eval()
+four = peft_qlora.Classifier(model, tok, ["neg", "pos"], 512, "head+tail", "bf16")
+timed("4bit_b128", four, 128)
+c = peft_qlora.make_classifier(model, tok, ["neg", "pos"], 512, "head+tail", "bf16")
+for bs in (128, 256, 512):
+    timed(f"dequant_b{bs}", c, bs)
+t = time.perf_counter(); peft_qlora.encode(tok, texts, 512, "head+tail"); res["tokenize_rate"] = 5000 / (time.perf_counter() - t)
+json.dump(res, open(os.path.join(OUT, "exp3.json"), "w"), indent=2); print(res)
