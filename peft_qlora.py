@@ -99,7 +99,7 @@ class Config:
     lora_targets: list[str] | None = _opt(
         None, "modules that get LoRA (default: the attention query and value of the architecture)", nargs="+")
     # --- training ---
-    epochs: int = _opt(3, "passes over the training set (a third raised accuracy by 0.5 points on IMDb, README)",
+    epochs: int = _opt(3, "passes over the training set (a third added half a point on IMDb: README)",
                        type=_positive_int)
     learning_rate: float = _opt(1e-3, "peak learning rate (LoRA and the new head want far more than full "
                                 "fine-tuning's ~3e-5)", type=_positive_float)
@@ -111,7 +111,7 @@ class Config:
                           "fp32 on the CPU", choices=["auto", "bf16", "fp16", "fp32"])
     gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass: less memory, slower steps")
     compile: bool = _opt(False, "torch.compile the model: faster steps after a one-off compilation of a minute or "
-                         "more, which pays on long runs only (README, Speed)")
+                         "more, which pays on long runs only (README: Why these defaults)")
     seed: int = _opt(42, "seed for the data subset, the new head, LoRA and the data order", type=int)
     # --- output ---
     output_dir: str = _opt("outputs/imdb_qlora",
@@ -692,7 +692,7 @@ def make_classifier(model, tokenizer, label_names: list[str], max_length: int, t
     """A trained model made ready to serve: in evaluation mode and, where it fits, dequantized once.
 
     bitsandbytes turns each 4-bit weight back into the compute dtype at every call, then multiplies in that
-    dtype. Doing it once gives the same probabilities, bit for bit, and ~1.5x the prediction speed
+    dtype. Doing it once gives the same probabilities, bit for bit, and 1.5-1.8x the prediction speed
     (benchmarks/NOTES.md). It is done only while the 16-bit copy takes at most a quarter of the free memory:
     a model too large for that, which is what 4 bits are for, is served in 4 bits."""
     import bitsandbytes as bnb

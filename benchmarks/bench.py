@@ -16,7 +16,7 @@ peak memory and the fraction of the FLOP bound (the card's bf16 matmul rate, mea
 and one epoch of the Trainer over real IMDb reviews: wall time, reviews/s, real tokens/s, peak memory.
 Then predict() throughput with the QLoRA model.
 
-    python benchmarks/bench.py --data ../shared/data/imdb/train.parquet          # GPU, about 8 minutes
+    python benchmarks/bench.py --data ../shared/data/imdb/train.parquet --epoch-reviews 8000   # GPU, ~10 minutes
     python benchmarks/bench.py --tiny --data tests/data/imdb_train.parquet       # CPU smoke test
 
 Prints a table and writes --out (default benchmarks/results.json).

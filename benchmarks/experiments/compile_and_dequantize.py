@@ -1,4 +1,12 @@
-"""Scratch: torch.compile and dequantize-once levers, bert-base shape, one run."""
+"""One-off lever measurement at bert-base shape (random weights), run once on an H200 from the repository root
+with the GPU kit staged in .gpu/ (../shared/gpu/README.md):
+
+    python benchmarks/experiments/compile_and_dequantize.py train predict
+
+train: fixed-shape steps of QLoRA and bf16 LoRA, eager and torch.compile'd, batch 32 and 128; predict: predict()'s
+rate with the 4-bit layers and after dequantizing them once. Run before the 4-bit biases were cast up front, so
+the compiled QLoRA rows have a graph break per 4-bit layer. Result: benchmarks/results/compile_graph_breaks_h200.json.
+"""
 import json, os, sys, time, types
 sys.path.insert(0, "benchmarks"); sys.path.insert(0, ".")
 import torch, bench, peft_qlora

@@ -1,4 +1,12 @@
-"""Scratch 2: compile without graph breaks; Trainer epoch with --compile; predict without per-batch sync."""
+"""One-off lever measurement at bert-base shape (random weights), run once on an H200 from the repository root
+with the GPU kit staged in .gpu/ (../shared/gpu/README.md):
+
+    python benchmarks/experiments/compile_epoch_and_predict.py predict fixed epoch
+
+predict: predict()'s rate without a per-batch wait for the GPU, batch 64/128/256, 4-bit and dequantized once;
+fixed: torch.compile'd QLoRA without graph breaks, batch 32 and 128; epoch: two Trainer epochs over 8,000 reviews,
+eager and with --compile, timing each epoch. Result: benchmarks/results/compile_and_predict_levers_h200.json.
+"""
 import json, os, sys, time, types
 sys.path.insert(0, "benchmarks"); sys.path.insert(0, ".")
 import torch, bench, peft_qlora

@@ -1,4 +1,11 @@
-"""Scratch 3: predict() at bert-base shape after pinned copies: batch 128 vs 256, 4-bit vs dequantized."""
+"""One-off lever measurement at bert-base shape (random weights), run once on an H100 from the repository root
+with the GPU kit staged in .gpu/ (../shared/gpu/README.md):
+
+    python benchmarks/experiments/predict_batch.py
+
+predict()'s rate over 5,000 reviews with the 4-bit layers (batch 128) and dequantized once (batch 128, 256, 512),
+and the tokenizer's own rate. Result: benchmarks/results/predict_batch_h100.json.
+"""
 import json, os, sys, time
 sys.path.insert(0, "benchmarks"); sys.path.insert(0, ".")
 import torch, bench, peft_qlora
