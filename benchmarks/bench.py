@@ -291,7 +291,7 @@ def print_table(result):
         print(f"\npredict(): {rows['qlora']['predict_reviews_per_s']:.1f} reviews/s")
     for name, ratio in result["ratios"].items():
         print(f"{name}: epoch {ratio['epoch_speed']:.2f}x faster, fixed shape {ratio['fixed_shape_speed']:.2f}x, "
-                  f"peak memory {ratio['peak_memory']:.2f}x")
+              f"peak memory {ratio['peak_memory']:.2f}x")
 
 
 if __name__ == "__main__":
