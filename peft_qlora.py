@@ -483,8 +483,8 @@ def build_model(cfg: Config, label_names: list[str], precision: str):
         raise UserError(f"no default LoRA targets for model type {model_type!r}: name its attention projections "
                         "with --lora-targets (for example --lora-targets q_proj v_proj)")
     heads = [name for name, _ in model.named_children() if name in HEAD_MODULES]
-    if getattr(model.base_model, "pooler", None) is not None:  # BERT's (RoBERTa's classifier builds without one)
-        heads.append("pooler")
+    if "pooler" not in heads and getattr(model.base_model, "pooler", None) is not None:  # BERT's, inside the
+        heads.append("pooler")  # encoder model (DeBERTa's is a child, found above; RoBERTa builds without one)
     lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                       lora_dropout=cfg.lora_dropout, target_modules=list(targets),
                       modules_to_save=list(heads))  # a copy: peft appends its own guesses to the list
