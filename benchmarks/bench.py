@@ -177,6 +177,16 @@ def fixed_shape(model, args, precision, vocab_size):
     return args.steps * args.batch_size / seconds, peft_qlora.peak_memory(), warmup
 
 
+def predict_rate(classifier, texts, batch_size):
+    """predict()'s classification of texts, after a warm-up batch: (reviews/s, the probabilities)."""
+    peft_qlora.classify(classifier, texts[:256], batch_size)
+    sync()
+    start = time.perf_counter()
+    probabilities = peft_qlora.classify(classifier, texts, batch_size)
+    sync()
+    return len(texts) / (time.perf_counter() - start), probabilities
+
+
 def one_epoch(mode, model, tokenizer, texts, cfg, precision, workdir):
     """One epoch of the Trainer over real reviews, as each recipe feeds them."""
     from datasets import Dataset
@@ -240,13 +250,8 @@ def main():
         if mode == "qlora":  # served as predict() serves it
             classifier = peft_qlora.make_classifier(model, tokenizer, ["neg", "pos"], args.max_length,
                                                     cfg.truncation, precision)
-            sample = texts[:args.predict_reviews]
-            peft_qlora.classify(classifier, sample[:256], cfg.eval_batch_size)  # warm-up
-            sync()
-            start = time.perf_counter()
-            peft_qlora.classify(classifier, sample, cfg.eval_batch_size)
-            sync()
-            row["predict_reviews_per_s"] = len(sample) / (time.perf_counter() - start)
+            row["predict_reviews_per_s"], _ = predict_rate(classifier, texts[:args.predict_reviews],
+                                                           cfg.eval_batch_size)
         rows[mode] = row
         del model
         print(mode, json.dumps(row), flush=True)

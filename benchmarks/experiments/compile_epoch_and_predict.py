@@ -26,9 +26,8 @@ if "predict" in which:
     clf = peft_qlora.Classifier(model, tok, ["neg", "pos"], 512, "head+tail", "bf16")
     sample = texts[:5000]
     def timed(name, c, bs=128):
-        peft_qlora.classify(c, sample[:256], bs); bench.sync()
-        t = time.perf_counter(); p = peft_qlora.classify(c, sample, bs); bench.sync()
-        res[name] = {"rate": len(sample) / (time.perf_counter() - t)}
+        rate, p = bench.predict_rate(c, sample, bs)
+        res[name] = {"rate": rate}
         print(name, res[name], flush=True); dump()
         return p
     p0 = timed("predict_nosync", clf)

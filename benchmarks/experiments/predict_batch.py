@@ -8,7 +8,7 @@ and the tokenizer's own rate. Result: benchmarks/results/predict_batch_h100.json
 """
 import json, os, sys, time
 sys.path.insert(0, "benchmarks"); sys.path.insert(0, ".")
-import torch, bench, peft_qlora
+import bench, peft_qlora
 import pyarrow.parquet as pq
 OUT = os.environ.get("OUT", "/tmp")
 res = {"device": peft_qlora.device_name()}
@@ -17,9 +17,8 @@ cfg = peft_qlora.parse_args(["--model", folder, "--output-dir", "/tmp/x"])
 texts = pq.read_table(".gpu/imdb/train.parquet", columns=["text"]).column("text").to_pylist()[:5000]
 model, tok = bench.build("qlora", folder, cfg, "bf16")
 def timed(name, c, bs):
-    peft_qlora.classify(c, texts[:256], bs); bench.sync()
-    t = time.perf_counter(); peft_qlora.classify(c, texts, bs); bench.sync()
-    res[name] = len(texts) / (time.perf_counter() - t); print(name, res[name], flush=True)
+    res[name], _ = bench.predict_rate(c, texts, bs)
+    print(name, res[name], flush=True)
 model.eval()
 four = peft_qlora.Classifier(model, tok, ["neg", "pos"], 512, "head+tail", "bf16")
 timed("4bit_b128", four, 128)
