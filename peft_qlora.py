@@ -3,11 +3,14 @@
 The recipe: load the model in 4-bit NF4, add LoRA adapters (r=8, alpha=16, dropout 0.1) to the
 attention query and value matrices, evaluate the untrained model, train with the Hugging Face
 Trainer, evaluate again, draw before/after charts, save the adapter, and serve predictions.
+Encoders (BERT, RoBERTa, DistilBERT) and decoder LLMs (Llama, Mistral, Qwen, Gemma, SmolLM) alike.
 
     pip install -r requirements.txt
     python peft_qlora.py                                    # bert-base-uncased on IMDb, from the hub
     python peft_qlora.py --train-size 500 --eval-size 500   # a quicker run
+    python peft_qlora.py --model meta-llama/Meta-Llama-3-8B # a decoder LLM, batches sized to the GPU
     python peft_qlora.py --model path/to/model --train-file train.parquet --eval-file test.parquet
+    torchrun --nproc_per_node 2 peft_qlora.py ...           # several GPUs (or: accelerate launch peft_qlora.py)
     python peft_qlora.py predict "A wonderful film." "Two hours I will never get back."
     python peft_qlora.py --help                             # every setting
 
@@ -19,6 +22,8 @@ From Python, in a notebook:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import logging
 import os
@@ -32,15 +37,13 @@ from typing import Any, NamedTuple
 log = logging.getLogger("peft_qlora")
 
 
+class UserError(Exception):
+    """Bad input. The command line prints the message, without a traceback, and exits with status 1."""
+
+
 def _opt(default: Any, help: str, **argparse_kwargs: Any) -> Any:
     """A Config field whose help text (and argparse details) live next to its default."""
     return field(default=default, metadata={"help": help, **argparse_kwargs})
-
-
-def _size(text: str) -> int | None:
-    if text == "all":
-        return None
-    return _positive_int(text)
 
 
 def _positive_int(text: str) -> int:
@@ -51,6 +54,14 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _size(text: str) -> int | None:
+    return None if text == "all" else _positive_int(text)
+
+
+def _auto_int(text: str) -> int | None:
+    return None if text == "auto" else _positive_int(text)
 
 
 def _positive_float(text: str) -> float:
@@ -64,7 +75,10 @@ def _positive_float(text: str) -> float:
 
 
 def _dropout(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
     return value
@@ -80,9 +94,8 @@ class Config:
     label_column: str = _opt("label", "column holding the labels: integers 0..k-1 or names")
     label_names: list[str] | None = _opt(
         None, "names for integer labels 0..k-1 (default for two classes: neg pos, as IMDb's)", nargs="+")
-    train_size: int | None = _opt(
-        4000, "training texts drawn, balanced by label, or 'all' (4000: minutes on a T4, by the README's estimate)",
-        type=_size)
+    train_size: int | None = _opt(4000, "training texts drawn, balanced by label, or 'all' (4000: minutes on a T4)",
+                                  type=_size)
     eval_size: int | None = _opt(2000, "evaluation texts drawn, balanced by label, or 'all'", type=_size)
     max_length: int = _opt(512, "tokens kept per text, special tokens included (BERT's most; 14%% of IMDb's "
                            "reviews are longer, 44%% are longer than 256, and more tokens scored better)",
@@ -91,27 +104,34 @@ class Config:
                            "quarter and the last three quarters (a review's verdict is often at its end)",
                            choices=["head", "tail", "head+tail"])
     # --- model and 4-bit quantization (NF4, double quantization, compute in the training precision) ---
-    model: str = _opt("bert-base-uncased", "model on the hub or a local folder")
+    model: str = _opt("bert-base-uncased", "model on the hub or a local folder: any architecture transformers loads "
+                      "for sequence classification, encoders and decoder LLMs alike")
     # --- LoRA ---
     lora_r: int = _opt(8, "LoRA rank", type=_positive_int)
     lora_alpha: int = _opt(16, "LoRA scaling: updates are scaled by alpha / r", type=_positive_int)
     lora_dropout: float = _opt(0.1, "dropout on the LoRA input", type=_dropout)
     lora_targets: list[str] | None = _opt(
-        None, "modules that get LoRA (default: the attention query and value of the architecture)", nargs="+")
+        None, "modules that get LoRA (default: the attention query and value, from peft's table for the "
+        "architecture); all-linear: every 4-bit layer", nargs="+")
     # --- training ---
-    epochs: int = _opt(3, "passes over the training set (a third added half a point on IMDb: README)",
-                       type=_positive_int)
+    epochs: int = _opt(3, "passes over the training set", type=_positive_int)
     learning_rate: float = _opt(1e-3, "peak learning rate (LoRA and the new head want far more than full "
                                 "fine-tuning's ~3e-5)", type=_positive_float)
-    batch_size: int = _opt(32, "training batch size", type=_positive_int)
-    eval_batch_size: int = _opt(256, "evaluation and prediction batch size (no gradients, so larger; 256 predicted "
-                                "11%% faster than 128 and 512 slower, on an H100)",
-                                type=_positive_int)
+    batch_size: int = _opt(32, "texts per optimizer step on each process (GPU); with N processes a step sees N "
+                           "times as many", type=_positive_int)
+    micro_batch_size: int | None = _opt(None, "texts per forward pass; auto: as many of --batch-size as fit the "
+                                        "GPU's memory at --max-length (measured), the rest by gradient accumulation",
+                                        type=_auto_int)
+    eval_batch_size: int | None = _opt(None, "evaluation and prediction batch size; auto: 256, or as many as fit the "
+                                       "GPU's memory (measured)", type=_auto_int)
     precision: str = _opt("auto", "auto: bf16 on GPUs with compute capability 8.0+, fp16 on older GPUs (T4), "
                           "fp32 on the CPU", choices=["auto", "bf16", "fp16", "fp32"])
-    gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass: less memory, slower steps")
+    gradient_checkpointing: str = _opt(
+        "auto", "recompute activations in the backward pass: less memory, slower steps; auto: on only when fewer "
+        "than 4 texts of --max-length fit a micro-batch without it", choices=["auto", "on", "off"], nargs="?",
+        const="on")
     compile: bool = _opt(False, "torch.compile the model: faster steps after a one-off compilation of a minute or "
-                         "more, which pays on long runs only (README: Why these defaults)")
+                         "more, which pays on long runs only")
     seed: int = _opt(42, "seed for the data subset, the new head, LoRA and the data order", type=int)
     # --- output ---
     output_dir: str = _opt("outputs/imdb_qlora",
@@ -120,20 +140,37 @@ class Config:
     resume: bool = _opt(False, "continue an interrupted run from its last checkpoint")
     overwrite: bool = _opt(False, "replace the model (and checkpoints) an earlier run left in --output-dir")
 
+    def __post_init__(self):
+        """The checks that need no file and no framework, in one place; each names the flag and the fix."""
+        if bool(self.train_file) != bool(self.eval_file):
+            raise UserError("--train-file and --eval-file go together: give both, or neither to use --dataset")
+        if self.max_length < 8:
+            raise UserError(f"--max-length {self.max_length} leaves no room for text: use 8 or more")
+        if self.micro_batch_size and self.batch_size % self.micro_batch_size:
+            raise UserError(f"--batch-size {self.batch_size} is not a multiple of --micro-batch-size "
+                            f"{self.micro_batch_size}: each optimizer step adds up whole micro-batches")
+        if self.lora_targets and "all-linear" in self.lora_targets and len(self.lora_targets) > 1:
+            raise UserError("--lora-targets all-linear stands alone: it already names every 4-bit layer")
+
 
 DEFAULT_MODEL_DIR = os.path.join(Config.output_dir, "model")
-# What trains besides LoRA, so it stays out of 4-bit and is saved with the adapter: the new classification head,
-# and BERT's pooler, the dense layer between the encoder and BERT's one-layer head (RoBERTa's and DistilBERT's
-# heads hold such a layer themselves). Training the pooler too closed most of the gap to full fine-tuning (README).
+# What trains besides LoRA, so it stays out of 4-bit and is saved with the adapter: the new classification head
+# (score for decoder LLMs), and BERT's pooler, the dense layer between the encoder and BERT's one-layer head
+# (RoBERTa's and DistilBERT's heads hold such a layer themselves). Training the pooler too closed most of the gap
+# to full fine-tuning (README).
 HEAD_MODULES = ("pre_classifier", "classifier", "score", "pooler")
 # The skip list matches whole module names or their ends: BERT's pooler is "pooler", holding "pooler.dense".
 UNQUANTIZED_MODULES = HEAD_MODULES + ("pooler.dense",)
 # Architectures peft has no default LoRA targets for.
 EXTRA_LORA_TARGETS = {"distilbert": ["q_lin", "v_lin"]}
-
-
-class UserError(Exception):
-    """Bad input. The command line prints the message, without a traceback, and exits with status 1."""
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+# Batches are planned to fill at most this share of the GPU memory a process may use; the rest absorbs the
+# allocator's fragmentation (on a T4's 15 GiB: batches sized for a peak of 11.2 GiB).
+MEMORY_SHARE = 0.75
+# Gradient checkpointing costs a second forward pass; it turns on by itself only when fewer texts than this fit a
+# micro-batch without it (a T4 training an 8B model), where it lets several times as many fit.
+MIN_MICRO_BATCH = 4
+DEFAULT_EVAL_BATCH = 256  # no gradients, so larger than training's; more was slower on an H100 (benchmarks/NOTES.md)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,13 +189,12 @@ def parse_args(argv: list[str] | None) -> Config:
             parser.add_argument(flag, action="store_true", **kwargs)
         else:
             kwargs.setdefault("type", type(f.default) if f.default is not None else str)
-            parser.add_argument(flag, default=f.default, **kwargs)
-    cfg = Config(**vars(parser.parse_args(argv)))
-    if bool(cfg.train_file) != bool(cfg.eval_file):
-        parser.error("--train-file and --eval-file go together: give both, or neither to use --dataset")
-    if cfg.max_length < 8:
-        parser.error(f"--max-length {cfg.max_length} leaves no room for text: use 8 or more")
-    return cfg
+            default = "auto" if kwargs["type"] is _auto_int else f.default  # --help shows "auto"; parsed to None
+            parser.add_argument(flag, default=default, **kwargs)
+    try:
+        return Config(**vars(parser.parse_args(argv)))
+    except UserError as e:
+        parser.error(str(e))
 
 
 def parse_predict_args(argv: list[str]) -> argparse.Namespace:
@@ -167,8 +203,52 @@ def parse_predict_args(argv: list[str]) -> argparse.Namespace:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("texts", nargs="+", help="texts to classify")
     parser.add_argument("--model-dir", default=DEFAULT_MODEL_DIR, help="folder a training run saved")
-    parser.add_argument("--batch-size", type=_positive_int, default=Config.eval_batch_size)
+    parser.add_argument("--batch-size", type=_auto_int, default="auto",
+                        help="texts per batch; auto: the evaluation batch the training run chose")
     return parser.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------
+# Runtime: where and how this process computes, decided once and passed down
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: Any  # torch.device: this process's GPU, or the CPU
+    precision: str  # bf16, fp16 or fp32: mixed-precision training, and the dtype of every frozen weight
+    process_index: int = 0  # this process's rank under torchrun or accelerate launch
+    num_processes: int = 1
+    fsdp: bool = False  # accelerate launch with an FSDP config: the model is sharded across the GPUs, not copied
+
+    @property
+    def is_main(self) -> bool:
+        return self.process_index == 0
+
+    @property
+    def dtype(self):
+        import torch
+
+        return getattr(torch, DTYPES[self.precision])
+
+    @property
+    def pad_multiple(self) -> int | None:
+        # Lengths rounded up to a multiple of 64 on a GPU: few distinct shapes, so the GPU's attention kernels
+        # (cuDNN builds a plan for each new shape, ~0.2 s each) are reused after the first batches.
+        return 64 if self.device.type == "cuda" else None
+
+
+def decide_runtime(requested_precision: str) -> Runtime:
+    """This process's device, rank and precision. Under torchrun or accelerate launch, accelerate's PartialState
+    joins the process group (NCCL on GPUs, gloo on CPUs) and gives each process its own GPU."""
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    device = state.device
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"  # set by accelerate launch
+    return Runtime(device, choose_precision(requested_precision), state.process_index, state.num_processes, fsdp)
 
 
 def choose_precision(requested: str) -> str:
@@ -189,8 +269,16 @@ def choose_precision(requested: str) -> str:
     return requested
 
 
-def check_output_dir(cfg: Config) -> str:
-    """Refuse to overwrite what an earlier run trained; returns the checkpoint folder."""
+def wait_for_everyone() -> None:
+    """A barrier across the processes of a multi-GPU run; nothing in a single process."""
+    from accelerate import PartialState
+
+    PartialState().wait_for_everyone()
+
+
+def prepare_output_dir(cfg: Config, runtime: Runtime) -> str:
+    """Refuses to overwrite what an earlier run trained, then readies OUTPUT_DIR/checkpoints; returns its path.
+    Every process checks (they see the same files and reach the same verdict); only the main one writes."""
     model_dir = os.path.join(cfg.output_dir, "model")
     checkpoints = os.path.join(cfg.output_dir, "checkpoints")
     has_checkpoints = os.path.isdir(checkpoints) and any(
@@ -203,26 +291,29 @@ def check_output_dir(cfg: Config) -> str:
             raise UserError(f"--resume found no checkpoint in {checkpoints}: run without --resume to start afresh")
         with open(os.path.join(checkpoints, "run_config.json")) as f:
             saved = json.load(f)
-        changed = {k for k, v in run_settings(cfg).items() if saved.get(k) != v}
+        changed = {k for k, v in run_settings(cfg, runtime).items() if saved.get(k) != v}
         if changed:
             raise UserError("--resume continues a run with the same settings, but these differ from the "
                             f"interrupted run's: {', '.join(sorted(changed))}")
-    elif has_checkpoints:
-        if not cfg.overwrite:
-            raise UserError(f"{checkpoints} holds checkpoints of an interrupted run: pass --resume to continue it, "
-                            "or --overwrite to start over")
-        shutil.rmtree(checkpoints)
-    os.makedirs(checkpoints, exist_ok=True)
-    with open(os.path.join(checkpoints, "run_config.json"), "w") as f:
-        json.dump(run_settings(cfg), f, indent=2)
+    elif has_checkpoints and not cfg.overwrite:
+        raise UserError(f"{checkpoints} holds checkpoints of an interrupted run: pass --resume to continue it, "
+                        "or --overwrite to start over")
+    if runtime.is_main and not cfg.resume:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+        os.makedirs(checkpoints)
+        with open(os.path.join(checkpoints, "run_config.json"), "w") as f:
+            json.dump(run_settings(cfg, runtime), f, indent=2)
+    wait_for_everyone()
     return checkpoints
 
 
-def run_settings(cfg: Config) -> dict:
-    """The settings that decide what a run computes (a resumed run must keep them)."""
+def run_settings(cfg: Config, runtime: Runtime) -> dict:
+    """The settings that decide what a run computes (a resumed run must keep them). How the batches are split
+    in memory does not change what they compute, so a resumed run may split them differently."""
     settings = asdict(cfg)
-    for key in ("resume", "overwrite", "images_dir", "eval_batch_size"):
+    for key in ("resume", "overwrite", "images_dir", "eval_batch_size", "micro_batch_size", "gradient_checkpointing"):
         settings.pop(key)
+    settings["processes"] = runtime.num_processes  # the texts an optimizer step sees
     return settings
 
 
@@ -388,10 +479,35 @@ def tokenize(dataset, tokenizer, max_length: int, truncation: str, sort_by_lengt
 # Model
 
 
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+def load_tokenizer(source: str):
+    """The tokenizer, padding on the right with a padding token. Decoder LLMs often ship without one (Llama 3,
+    Mistral): they get their end-of-sequence token (else the unknown token). Their classification heads read the
+    last token that is not padding, and right padding keeps every text's positions as in pretraining."""
+    from transformers import AutoTokenizer
+
+    tokenizer = load_pretrained(AutoTokenizer, source)
+    if tokenizer.pad_token is None:
+        stand_in = tokenizer.eos_token or tokenizer.unk_token
+        if stand_in is None:
+            raise UserError(f"the tokenizer of {source} has no padding, end-of-sequence or unknown token to pad with")
+        tokenizer.pad_token = stand_in
+        log.info("The tokenizer has no padding token: padding with its %s token %r (id %d)",
+                 "end-of-sequence" if stand_in == tokenizer.eos_token else "unknown", stand_in,
+                 tokenizer.pad_token_id)
+    tokenizer.padding_side = "right"
+    return tokenizer
 
 
-def quantized_load_kwargs(label_names: list[str], precision: str) -> dict:
+def load_pretrained(auto_class, source: str, **kwargs):
+    """from_pretrained, with a missing model or an unreachable hub reported as the user's to fix."""
+    try:
+        return auto_class.from_pretrained(source, **kwargs)
+    except OSError as e:
+        raise UserError(f"cannot load model {source!r}: {e}\nThe hub may be unreachable: --model also takes a local "
+                        "folder with config.json, the weights and the tokenizer files") from e
+
+
+def quantized_load_kwargs(label_names: list[str], runtime: Runtime) -> dict:
     """from_pretrained arguments for a 4-bit NF4 model with this head, used for training and for reloading."""
     import torch
     from transformers import BitsAndBytesConfig
@@ -400,25 +516,45 @@ def quantized_load_kwargs(label_names: list[str], precision: str) -> dict:
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",  # the default is fp4; NF4 suits normally distributed weights
         bnb_4bit_use_double_quant=True,  # quantize the quantization constants too: ~0.4 bits/param less
-        bnb_4bit_compute_dtype=getattr(torch, DTYPES[precision]),  # the default is fp32: slow on a GPU
+        bnb_4bit_compute_dtype=runtime.dtype,  # the default is fp32: slow on a GPU
         llm_int8_skip_modules=list(UNQUANTIZED_MODULES),  # replaces transformers' own list, so name the head
+        # FSDP shards flat tensors of one dtype: the packed 4-bit weights are stored in the compute dtype's bytes
+        bnb_4bit_quant_storage=runtime.dtype if runtime.fsdp else torch.uint8,
     )
     return dict(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
                 label2id={name: i for i, name in enumerate(label_names)}, quantization_config=quantization,
-                dtype=torch.float32,  # what prepare_model_for_kbit_training leaves the unquantized weights in
-                device_map={"": "cuda:0" if torch.cuda.is_available() else "cpu"})
+                # What stays unquantized (embeddings, norms) is frozen: the compute dtype is enough, half of fp32
+                # (Llama 3's 128,256-token embedding: 1.05 GB instead of 2.1)
+                dtype=runtime.dtype,
+                device_map=None if runtime.fsdp else {"": runtime.device})  # each process its own GPU; FSDP places
 
 
-def autocast_input(module, args: tuple):
-    """Under autocast nn.Linear computes and returns the autocast dtype, but bitsandbytes' Linear4bit returns
-    its input's dtype: fp32 after every layer norm, which adds a cast per layer and doubles the activation
-    memory kept for the backward pass. Handing it the compute dtype makes it behave like nn.Linear."""
-    import torch
+def trainable_heads(model) -> dict:
+    """The modules that train besides LoRA, by name: the new classification head, and BERT's pooler."""
+    heads = {name: module for name, module in model.named_children() if name in HEAD_MODULES}
+    pooler = getattr(model.base_model, "pooler", None)  # BERT's, inside the encoder (DeBERTa's is a child, found
+    if "pooler" not in heads and pooler is not None:  # above; RoBERTa builds without one)
+        heads["pooler"] = pooler
+    return heads
 
-    x = args[0]
-    if torch.is_autocast_enabled(x.device.type) and x.dtype != module.compute_dtype:
-        return (x.to(module.compute_dtype), *args[1:])
-    return None
+
+def load_base_model(source: str, label_names: list[str], runtime: Runtime):
+    """The base model in 4-bit NF4, with a classification head for these labels that trains in fp32."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
+
+    config = load_pretrained(AutoConfig, source)
+    if type(config) not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING:
+        raise UserError(f"{source} is a {config.model_type!r} model, for which transformers has no sequence-"
+                        "classification class: choose a --model that AutoModelForSequenceClassification loads "
+                        "(BERT, RoBERTa, DistilBERT, Llama, Mistral, Qwen2, Gemma, ...)")
+    model = load_pretrained(AutoModelForSequenceClassification, source,
+                            **quantized_load_kwargs(label_names, runtime))
+    # What trains stays fp32: fp16 mixed precision (a T4) can only unscale fp32 gradients, and small updates to
+    # 16-bit weights would round away
+    for head in trainable_heads(model).values():
+        head.float()
+    return model
 
 
 def prepare_4bit_layers(model) -> int:
@@ -447,46 +583,46 @@ def prepare_4bit_layers(model) -> int:
     return layers
 
 
-def load_model(name: str, label_names: list[str], precision: str):
-    """The base model in 4-bit NF4 with a fresh classification head, and its tokenizer."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+def autocast_input(module, args: tuple):
+    """Under autocast nn.Linear computes and returns the autocast dtype, but bitsandbytes' Linear4bit returns
+    its input's dtype: fp32 after every layer norm, which adds a cast per layer and doubles the activation
+    memory kept for the backward pass. Handing it the compute dtype makes it behave like nn.Linear."""
+    import torch
 
-    source = os.path.abspath(name) if os.path.isdir(name) else name  # the saved adapter records this path
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            source, **quantized_load_kwargs(label_names, precision))
-    except OSError as e:
-        raise UserError(f"cannot load model {name!r}: {e}\nThe hub may be unreachable: --model also takes a local "
-                        "folder with config.json, the weights and the tokenizer files") from e
-    return model, tokenizer
+    x = args[0]
+    if torch.is_autocast_enabled(x.device.type) and x.dtype != module.compute_dtype:
+        return (x.to(module.compute_dtype), *args[1:])
+    return None
 
 
-def build_model(cfg: Config, label_names: list[str], precision: str):
-    """QLoRA: 4-bit base, k-bit preparation, LoRA adapters, trainable head. Returns (model, tokenizer, info)."""
-    from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
+def build_model(cfg: Config, label_names: list[str], runtime: Runtime):
+    """QLoRA: 4-bit base, frozen, LoRA adapters, trainable head. Returns (model, tokenizer, info)."""
+    from peft import LoraConfig, TaskType, get_peft_model
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
 
-    model, tokenizer = load_model(cfg.model, label_names, precision)
-    positions = min(tokenizer.model_max_length, model.config.max_position_embeddings)
+    source = os.path.abspath(cfg.model) if os.path.isdir(cfg.model) else cfg.model  # the adapter records this path
+    model = load_base_model(source, label_names, runtime)
+    tokenizer = load_tokenizer(source)
+    model.config.pad_token_id = tokenizer.pad_token_id  # where a decoder's head finds each text's last token
+    positions = min(tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", None) or 10**9)
     if cfg.max_length > positions:
         raise UserError(f"--max-length {cfg.max_length} is more than {cfg.model} reads ({positions} tokens)")
-    # Freezes the base and upcasts what is not 4-bit (layer norms, embeddings, head) to fp32: the head then
-    # trains in fp32, so fp16 mixed precision never has to unscale fp16 gradients. Gradient checkpointing
-    # would be on by default; it slows every step (benchmarks/NOTES.md) and bert-base fits a T4 without it.
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    # peft's prepare_model_for_kbit_training would freeze the base too, but it upcasts every weight that is not
+    # 4-bit to fp32 (twice the memory for a frozen embedding); here only what trains is fp32. Gradient
+    # checkpointing is the Trainer's, when plan_batches asks for it.
+    model.requires_grad_(False)
     quantized_layers = prepare_4bit_layers(model)
 
     model_type = model.config.model_type
     targets = cfg.lora_targets or PEFT_TARGETS.get(model_type) or EXTRA_LORA_TARGETS.get(model_type)
     if not targets:
         raise UserError(f"no default LoRA targets for model type {model_type!r}: name its attention projections "
-                        "with --lora-targets (for example --lora-targets q_proj v_proj)")
-    heads = [name for name, _ in model.named_children() if name in HEAD_MODULES]
-    if "pooler" not in heads and getattr(model.base_model, "pooler", None) is not None:  # BERT's, inside the
-        heads.append("pooler")  # encoder model (DeBERTa's is a child, found above; RoBERTa builds without one)
+                        "with --lora-targets (for example --lora-targets q_proj v_proj), or use all-linear")
+    heads = list(trainable_heads(model))
     lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                      lora_dropout=cfg.lora_dropout, target_modules=list(targets),
+                      lora_dropout=cfg.lora_dropout,
+                      # peft's shorthand for every linear layer but the head, or the modules named
+                      target_modules="all-linear" if list(targets) == ["all-linear"] else list(targets),
                       modules_to_save=list(heads))  # a copy: peft appends its own guesses to the list
     try:
         model = get_peft_model(model, lora)
@@ -494,8 +630,9 @@ def build_model(cfg: Config, label_names: list[str], precision: str):
         raise UserError(f"--lora-targets {' '.join(targets)}: {e}") from e
 
     trainable, total = model.get_nb_trainable_parameters()
+    targeted = {name.rsplit(".", 1)[-1] for name in model.peft_config["default"].target_modules}
     info = {"trainable_params": trainable, "total_params": total, "quantized_layers": quantized_layers,
-            "lora_targets": sorted(targets), "trained_heads": heads,
+            "lora_targets": sorted(targeted), "trained_heads": heads,
             # get_memory_footprint counts parameters and buffers as they are stored (4-bit packed two per byte)
             "memory_4bit_bytes": model.get_memory_footprint(), "memory_fp32_bytes": 4 * total}
     log.info("Model: %s, %d layers in 4-bit NF4, LoRA on %s, trained head: %s", cfg.model, quantized_layers,
@@ -504,6 +641,128 @@ def build_model(cfg: Config, label_names: list[str], precision: str):
     log.info("Model memory: %.1f MB in 4-bit vs %.1f MB in fp32 (%.0f%% smaller)", info["memory_4bit_bytes"] / 1e6,
              info["memory_fp32_bytes"] / 1e6, 100 * (1 - info["memory_4bit_bytes"] / info["memory_fp32_bytes"]))
     return model, tokenizer, info
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches that fit the GPU
+
+
+class BatchPlan(NamedTuple):
+    micro_batch: int  # texts per forward pass on each process
+    accumulation: int  # micro-batches per optimizer step
+    eval_batch: int
+    gradient_checkpointing: bool
+
+
+def plan_batches(cfg: Config, budget: int | None, measure) -> BatchPlan:
+    """The batch sizes and gradient checkpointing the user set; the rest chosen so that a step fits `budget`
+    bytes of GPU memory. measure(training, checkpointing) gives what a step at --max-length costs: (bytes, bytes
+    per text), or None if one text does not fit. Without a budget (the CPU) the defaults."""
+    checkpointing = cfg.gradient_checkpointing == "on"
+    micro, eval_batch = cfg.micro_batch_size, cfg.eval_batch_size
+    if budget is not None and (micro is None or cfg.gradient_checkpointing == "auto"):
+        fits = texts_that_fit(budget, measure(True, checkpointing))
+        if cfg.gradient_checkpointing == "auto" and fits < min(micro or cfg.batch_size, MIN_MICRO_BATCH):
+            checkpointing = True
+            fits = texts_that_fit(budget, measure(True, True))
+        if fits < 1 and micro is None:
+            raise UserError(f"one text of --max-length {cfg.max_length} tokens does not fit the GPU's memory for "
+                            "training: use a shorter --max-length, or a GPU with more memory")
+        if micro is None:  # the largest micro-batch that fits and adds up to --batch-size
+            micro = max(d for d in range(1, min(fits, cfg.batch_size) + 1) if cfg.batch_size % d == 0)
+    if budget is not None and eval_batch is None:
+        eval_batch = min(DEFAULT_EVAL_BATCH, texts_that_fit(budget, measure(False, False)))
+        if eval_batch < 1:
+            raise UserError(f"one text of --max-length {cfg.max_length} tokens does not fit the GPU's memory for "
+                            "evaluation: use a shorter --max-length, or a GPU with more memory")
+    micro = micro or cfg.batch_size
+    return BatchPlan(micro, cfg.batch_size // micro, eval_batch or DEFAULT_EVAL_BATCH, checkpointing)
+
+
+def texts_that_fit(budget: int, cost: tuple[int, int] | None) -> int:
+    if cost is None:
+        return 0
+    fixed, per_text = cost
+    return max(0, (budget - fixed) // max(per_text, 1))
+
+
+def memory_budget(device) -> int:
+    """Bytes of GPU memory the batches may take: MEMORY_SHARE of what this process may use (what is free, or less
+    under torch.cuda.set_per_process_memory_fraction), less what the model already holds."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info(device)
+    allowed = min(total * torch.cuda.get_per_process_memory_fraction(device),
+                  free + torch.cuda.memory_reserved(device))
+    return int(MEMORY_SHARE * allowed) - torch.cuda.memory_allocated(device)
+
+
+def memory_cost(model, runtime: Runtime, length: int, training: bool, checkpointing: bool):
+    """What a training step (or an evaluation batch) of texts of `length` tokens adds to the GPU memory in use:
+    (bytes, bytes per text), from batches of 1 and 2 texts (after a first run that warms up), Adam's two moments
+    included; None if one text does not fit."""
+    import torch
+
+    if checkpointing:  # non-reentrant, as in training: it needs no gradient on the inputs of a frozen base
+        # transformers 5.24 renamed gradient_checkpointing_enable (5.17's name) to activation_checkpointing_enable
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
+    model.train(training)
+    device = runtime.device
+    autocast = torch.autocast(device.type, dtype=runtime.dtype, enabled=runtime.precision != "fp32")
+    base = torch.cuda.memory_allocated(device)
+    peaks = []
+    try:
+        with torch.random.fork_rng(devices=[device]):  # the probe takes no random numbers from the run
+            for batch in (1, 1, 2):
+                torch.cuda.reset_peak_memory_stats(device)
+                ids = torch.randint(model.config.vocab_size, (batch, length), device=device)
+                labels = torch.zeros(batch, dtype=torch.long, device=device)
+                with autocast, torch.set_grad_enabled(training):
+                    loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
+                    if training:
+                        loss.backward()
+                del loss
+                model.zero_grad(set_to_none=True)
+                peaks.append(torch.cuda.max_memory_allocated(device) - base)
+    except torch.OutOfMemoryError:
+        return None
+    finally:
+        model.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+    optimizer = 8 * sum(p.numel() for p in model.parameters() if p.requires_grad) if training else 0
+    one, two = peaks[1], peaks[2]
+    return 2 * one - two + optimizer, two - one
+
+
+def agree(plan: BatchPlan, runtime: Runtime) -> BatchPlan:
+    """One plan for all processes, each having measured its own GPU: the smallest batches, checkpointing if any
+    needed it (every process must take the same steps)."""
+    if runtime.num_processes == 1:
+        return plan
+    from accelerate.utils import gather_object
+
+    plans = [BatchPlan(*p) for p in gather_object([tuple(plan)])]
+    micro = min(p.micro_batch for p in plans)
+    return BatchPlan(micro, plan.micro_batch * plan.accumulation // micro, min(p.eval_batch for p in plans),
+                     any(p.gradient_checkpointing for p in plans))
+
+
+def choose_batches(cfg: Config, model, runtime: Runtime) -> BatchPlan:
+    """plan_batches for this run: on a GPU, measured at --max-length rounded up as the batches are padded."""
+    budget, measure = None, None
+    if runtime.device.type == "cuda" and not runtime.fsdp:  # under FSDP the weights reach the GPUs only later
+        multiple = runtime.pad_multiple
+        length = min(-(-cfg.max_length // multiple) * multiple, getattr(model.config, "max_position_embeddings",
+                                                                          cfg.max_length))
+        budget, measure = memory_budget(runtime.device), functools.partial(memory_cost, model, runtime, length)
+    plan = agree(plan_batches(cfg, budget, measure), runtime)
+    log.info("Batches: %d texts per optimizer step%s as %d micro-batch%s of %d%s; evaluation in batches of %d%s",
+             cfg.batch_size, f" on each of {runtime.num_processes} processes" if runtime.num_processes > 1 else "",
+             plan.accumulation, "es" if plan.accumulation > 1 else "", plan.micro_batch,
+             f" (measured to fit {budget / 2**30:.1f} GiB)" if budget is not None else "", plan.eval_batch,
+             ", gradient checkpointing on" if plan.gradient_checkpointing else "")
+    return plan
 
 
 # ----------------------------------------------------------------------------------------------
@@ -520,54 +779,72 @@ def compute_metrics(eval_pred) -> dict:
             "f1": f1_score(labels, predictions, average="binary" if binary else "macro")}
 
 
-def make_trainer(model, tokenizer, train_ds, eval_ds, cfg: Config, precision: str, checkpoints: str):
-    import torch
+def make_trainer(model, tokenizer, train_ds, eval_ds, cfg: Config, runtime: Runtime, plan: BatchPlan,
+                 checkpoints: str, evaluate_each_epoch: bool = True, save_checkpoints: bool = True):
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
+    # transformers 5.24 renamed gradient_checkpointing (5.17's name) to activation_checkpointing
+    checkpointing = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+                     else "gradient_checkpointing")
     args = TrainingArguments(
         output_dir=checkpoints,
         num_train_epochs=cfg.epochs,
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.eval_batch_size,
+        per_device_train_batch_size=plan.micro_batch,
+        gradient_accumulation_steps=plan.accumulation,
+        per_device_eval_batch_size=plan.eval_batch,
+        **{checkpointing: plan.gradient_checkpointing,
+           # non-reentrant: needs no gradient on the frozen embeddings' output, and works with DDP
+           f"{checkpointing}_kwargs": {"use_reentrant": False}},
         learning_rate=cfg.learning_rate,
         warmup_steps=0.1,  # a fraction of all steps: the new head starts random
         weight_decay=0.01,
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
+        bf16=runtime.precision == "bf16",
+        fp16=runtime.precision == "fp16",
         torch_compile=cfg.compile,
-        use_cpu=not torch.cuda.is_available(),
-        eval_strategy="epoch",
+        use_cpu=runtime.device.type == "cpu",
+        ddp_find_unused_parameters=False,  # every trainable weight takes part in every step: skip the search
+        eval_strategy="epoch" if evaluate_each_epoch else "no",
         # batches of similar lengths (shuffled in groups): little padding, same randomness per epoch
         train_sampling_strategy="group_by_length",
-        save_strategy="epoch",  # a checkpoint per epoch for --resume
+        save_strategy="epoch" if save_checkpoints else "no",  # a checkpoint per epoch for --resume
         save_total_limit=1,  # --resume needs only the latest
         logging_strategy="epoch",  # one mean training loss per epoch, beside that epoch's evaluation
         label_names=["labels"],  # a peft model hides its forward signature, so say where the labels are
-        dataloader_num_workers=2 if torch.cuda.is_available() else 0,  # pad the next batches while the GPU works
+        dataloader_num_workers=2 if runtime.device.type == "cuda" else 0,  # pad the next batches while the GPU works
         seed=cfg.seed,
         report_to="none",
     )
-    # Lengths rounded up to a multiple of 64: few distinct shapes, so the GPU's attention kernels (cuDNN builds
-    # a plan for each new shape, ~0.2 s each) are reused after the first batches.
-    collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=64 if torch.cuda.is_available() else None)
+    collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=runtime.pad_multiple)
     return Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
                    processing_class=tokenizer, compute_metrics=compute_metrics)
 
 
+@contextlib.contextmanager
+def explain_out_of_memory(doing: str, remedy: str):
+    """A GPU out of memory is the user's to fix by a setting: say which, in one line."""
+    import torch
+
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        raise UserError(f"the GPU ran out of memory {doing}: {remedy}") from e
+
+
 def evaluate(trainer, phase: str) -> dict:
-    raw = trainer.evaluate()
+    with explain_out_of_memory(f"evaluating ({phase.lower()})", "lower --eval-batch-size or --max-length"):
+        raw = trainer.evaluate()
     metrics = {"accuracy": raw["eval_accuracy"], "f1": raw["eval_f1"], "loss": raw["eval_loss"],
                "runtime_s": raw["eval_runtime"], "samples_per_s": raw["eval_samples_per_second"]}
     log.info("%s: accuracy %.4f, F1 %.4f (%.1f s)", phase, metrics["accuracy"], metrics["f1"], metrics["runtime_s"])
     return metrics
 
 
-def train(trainer, resume: bool) -> tuple[list[dict], dict]:
+def train(trainer, resume: bool, device) -> tuple[list[dict], dict]:
     """Trains, evaluating after every epoch. Returns (history per epoch, training run figures)."""
     import torch
 
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     result = trainer.train(resume_from_checkpoint=resume or None)
     history: dict[float, dict] = {}
     for entry in trainer.state.log_history:
@@ -579,20 +856,20 @@ def train(trainer, resume: bool) -> tuple[list[dict], dict]:
             epoch["train_loss"] = entry["loss"]
     run = {"train_runtime_s": result.metrics["train_runtime"],
            "train_samples_per_s": result.metrics["train_samples_per_second"],
-           "peak_memory_bytes": peak_memory(), "resumed": resume}
+           "optimizer_steps": trainer.state.global_step, "peak_memory_bytes": peak_memory(device), "resumed": resume}
     log.info("Trained %d epochs in %.1f s, peak memory %.0f MB", len(history), run["train_runtime_s"],
              run["peak_memory_bytes"] / 1e6)
     return [history[e] for e in sorted(history) if "accuracy" in history[e]], run
 
 
-def peak_memory() -> int:
+def peak_memory(device) -> int:
     """Peak GPU memory allocated by tensors, or on the CPU the process's peak resident memory."""
     import resource
 
     import torch
 
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated()
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -679,7 +956,8 @@ class Classifier(NamedTuple):
     label_names: list[str]
     max_length: int
     truncation: str
-    precision: str
+    runtime: Runtime
+    batch_size: int  # the evaluation batch the training run chose, unless predict() is given another
 
 
 # predict() keeps what it uses: the model main() trained in this process, and each saved folder it loaded.
@@ -687,8 +965,8 @@ _CLASSIFIERS: dict[str, Classifier] = {}
 _TRAINED = "trained in this process"
 
 
-def make_classifier(model, tokenizer, label_names: list[str], max_length: int, truncation: str,
-                    precision: str) -> Classifier:
+def make_classifier(model, tokenizer, label_names: list[str], max_length: int, truncation: str, runtime: Runtime,
+                    batch_size: int) -> Classifier:
     """A trained model made ready to serve: in evaluation mode and, where it fits, dequantized once.
 
     bitsandbytes turns each 4-bit weight back into the compute dtype at every call, then multiplies in that
@@ -700,21 +978,19 @@ def make_classifier(model, tokenizer, label_names: list[str], max_length: int, t
     import torch
 
     model.eval()
-    device = next(model.parameters()).device
-    dtype = getattr(torch, DTYPES[precision])
+    device = runtime.device
     weights = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
-    if 0 < weights * dtype.itemsize <= free / 4:
-        model.dequantize(dtype=dtype)  # transformers swaps each Linear4bit for an nn.Linear holding the copy
-        log.info("Serving with the 4-bit weights dequantized once to %s (%.0f MB)", DTYPES[precision],
-                 weights * dtype.itemsize / 1e6)
-    return Classifier(model, tokenizer, label_names, max_length, truncation, precision)
+    if 0 < weights * runtime.dtype.itemsize <= free / 4:
+        model.dequantize(dtype=runtime.dtype)  # transformers swaps each Linear4bit for an nn.Linear holding the copy
+        log.info("Serving with the 4-bit weights dequantized once to %s (%.0f MB)", DTYPES[runtime.precision],
+                 weights * runtime.dtype.itemsize / 1e6)
+    return Classifier(model, tokenizer, label_names, max_length, truncation, runtime, batch_size)
 
 
 def load_classifier(model_dir: str) -> Classifier:
-    """A saved model, reloaded as it was trained: the same 4-bit base, head size and label names."""
-    from peft import AutoPeftModelForSequenceClassification
-    from transformers import AutoTokenizer
+    """A saved model, reloaded as it was trained: the same 4-bit base, head size, label names and padding."""
+    from peft import PeftConfig, PeftModel
 
     metrics_file = os.path.join(model_dir, "metrics.json")
     if not os.path.isfile(metrics_file):
@@ -722,22 +998,26 @@ def load_classifier(model_dir: str) -> Classifier:
                         "(or point model_dir / --model-dir at the folder a run saved)")
     with open(metrics_file) as f:
         saved = json.load(f)
-    precision = choose_precision("auto")
-    model = AutoPeftModelForSequenceClassification.from_pretrained(
-        model_dir, **quantized_load_kwargs(saved["label_names"], precision))
+    runtime = decide_runtime("auto")
+    base = load_base_model(PeftConfig.from_pretrained(model_dir).base_model_name_or_path, saved["label_names"],
+                           runtime)
+    tokenizer = load_tokenizer(model_dir)  # as saved: with the padding token training chose
+    base.config.pad_token_id = tokenizer.pad_token_id
+    model = PeftModel.from_pretrained(base, model_dir)  # the adapter, and the trained head over the fp32 copy
     prepare_4bit_layers(model)
-    return make_classifier(model, AutoTokenizer.from_pretrained(model_dir), saved["label_names"],
-                           saved["config"]["max_length"], saved["config"]["truncation"], precision)
+    return make_classifier(model, tokenizer, saved["label_names"], saved["config"]["max_length"],
+                           saved["config"]["truncation"], runtime,
+                           saved.get("batches", {}).get("eval_batch", DEFAULT_EVAL_BATCH))
 
 
-def classify(classifier: Classifier, texts: list[str], batch_size: int) -> list[list[float]]:
+def classify(classifier: Classifier, texts: list[str], batch_size: int | None = None) -> list[list[float]]:
     """Class probabilities for each text, in batches, truncated to the training length."""
     import torch
 
-    model, tokenizer = classifier.model, classifier.tokenizer
-    device = next(model.parameters()).device
-    autocast = torch.autocast(device.type, dtype=getattr(torch, DTYPES[classifier.precision]),
-                              enabled=classifier.precision != "fp32")
+    model, tokenizer, runtime = classifier.model, classifier.tokenizer, classifier.runtime
+    batch_size = batch_size or classifier.batch_size
+    device = runtime.device
+    autocast = torch.autocast(device.type, dtype=runtime.dtype, enabled=runtime.precision != "fp32")
     # Texts of similar length batch together with little padding; sorting by characters rather than tokens
     # lets each batch be tokenised just before it runs
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
@@ -747,26 +1027,29 @@ def classify(classifier: Classifier, texts: list[str], batch_size: int) -> list[
             encoded = encode(tokenizer, [texts[i] for i in order[start:start + batch_size]], classifier.max_length,
                              classifier.truncation)
             batch = tokenizer.pad({"input_ids": encoded}, return_tensors="pt",
-                                  pad_to_multiple_of=64 if device.type == "cuda" else None)
+                                  pad_to_multiple_of=runtime.pad_multiple)
             # From pinned memory the copy waits for nothing, and the logits stay on the device: the CPU
             # prepares the next batch while the GPU runs this one
             inputs = {k: v.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else v
                       for k, v in batch.items()}
-            logits.append(model(**inputs).logits.float())
+            with explain_out_of_memory(f"predicting in batches of {batch_size}", "pass a smaller batch_size "
+                                       "(--batch-size in the shell)"):
+                logits.append(model(**inputs).logits.float())
     probabilities: list = [None] * len(texts)
     for i, p in zip(order, torch.cat(logits).softmax(-1).tolist()):
         probabilities[i] = p
     return probabilities
 
 
-def predict(texts: str | list[str], model_dir: str | None = None, batch_size: int = Config.eval_batch_size):
+def predict(texts: str | list[str], model_dir: str | None = None, batch_size: int | None = None):
     """Classify one text (returns a dict) or a list of texts (returns a list of dicts).
 
     Each dict is {"text", "<name>_prob" for each class, "label"}; for IMDb {"text", "neg_prob", "pos_prob",
     "label"} with label "neg" or "pos". Uses the model trained in this process if there is one, otherwise
     loads the one saved in model_dir (default outputs/imdb_qlora/model) once and keeps it. Runs on a GPU if
-    there is one, else on the CPU. Texts longer than the training --max-length are truncated; an empty text
-    is classified like any other (the model sees only its special tokens) and gets the model's prior guess.
+    there is one, else on the CPU, in batches of batch_size texts (default: the evaluation batch the training
+    run chose). Texts longer than the training --max-length are truncated; an empty text is classified like
+    any other (the model sees only its special tokens) and gets the model's prior guess.
     """
     single = isinstance(texts, str)
     items = [texts] if single else list(texts)
@@ -804,40 +1087,49 @@ def versions() -> dict:
             **{m: getattr(importlib.import_module(m), "__version__", "unknown") for m in modules}}
 
 
-def device_name() -> str:
+def device_name(runtime: Runtime) -> str:
     import platform
 
     import torch
 
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    if runtime.device.type == "cuda":
+        name = torch.cuda.get_device_name(runtime.device)
+    else:
+        name = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return f"{runtime.num_processes} processes on {name}" if runtime.num_processes > 1 else name
 
 
 def run(cfg: Config) -> dict:
     """The whole workflow; returns what it saved in metrics.json."""
     from transformers import set_seed
 
-    precision = choose_precision(cfg.precision)
-    checkpoints = check_output_dir(cfg)
+    runtime = decide_runtime(cfg.precision)
+    checkpoints = prepare_output_dir(cfg, runtime)
     set_seed(cfg.seed)  # before the model: the new head and the LoRA matrices start from it
     train_ds, eval_ds, label_names = load_data(cfg)
-    model, tokenizer, model_info = build_model(cfg, label_names, precision)
+    model, tokenizer, model_info = build_model(cfg, label_names, runtime)
+    plan = choose_batches(cfg, model, runtime)
     train_ds = tokenize(train_ds, tokenizer, cfg.max_length, cfg.truncation)
     eval_ds = tokenize(eval_ds, tokenizer, cfg.max_length, cfg.truncation, sort_by_length=True)
-    trainer = make_trainer(model, tokenizer, train_ds, eval_ds, cfg, precision, checkpoints)
+    trainer = make_trainer(model, tokenizer, train_ds, eval_ds, cfg, runtime, plan, checkpoints)
     before = evaluate(trainer, "Before training")
-    history, run_info = train(trainer, cfg.resume)
+    with explain_out_of_memory("training", f"lower --micro-batch-size (this run: {plan.micro_batch}) or --max-length, "
+                               f"or turn on --gradient-checkpointing; the checkpoints of finished epochs stay in "
+                               f"{checkpoints}: continue with --resume"):
+        history, run_info = train(trainer, cfg.resume, runtime.device)
     after = history[-1]  # the last epoch's evaluation is of the final model
     log.info("After training: accuracy %.4f, F1 %.4f", after["accuracy"], after["f1"])
     metrics = {"before": before, "after": after, "history": history, "label_names": label_names,
-               "model": model_info, "training": run_info, "precision": precision, "device": device_name(),
-               "config": asdict(cfg), "versions": versions()}
+               "model": model_info, "training": run_info, "batches": plan._asdict(), "precision": runtime.precision,
+               "processes": runtime.num_processes, "device": device_name(runtime), "config": asdict(cfg),
+               "versions": versions()}
+    if not runtime.is_main:  # the main process saves and draws for all
+        return metrics
     model_dir = os.path.join(cfg.output_dir, "model")
     save(model, tokenizer, metrics, model_dir)  # before the charts, so a plotting failure cannot lose it
     shutil.rmtree(checkpoints)  # the saved model supersedes them
     _CLASSIFIERS[_TRAINED] = _CLASSIFIERS[os.path.abspath(model_dir)] = make_classifier(
-        model, tokenizer, label_names, cfg.max_length, cfg.truncation, precision)
+        model, tokenizer, label_names, cfg.max_length, cfg.truncation, runtime, plan.eval_batch)
     try:
         plot(metrics, cfg.images_dir)
     except OSError as e:
@@ -846,9 +1138,20 @@ def run(cfg: Config) -> dict:
     return metrics
 
 
+def end_process_group() -> None:
+    """Leave a multi-process run's process group cleanly (NCCL warns otherwise); nothing in a single process."""
+    if "torch" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # One process speaks for a multi-process run (torchrun and accelerate launch set RANK); the others warn only
+    logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
+                        format="%(message)s")
     try:
         if argv[:1] == ["predict"]:
             args = parse_predict_args(argv[1:])
@@ -858,6 +1161,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         log.error("error: %s", e)
         return 1
+    finally:
+        end_process_group()
     return 0
 
 

@@ -108,7 +108,7 @@ def make_model_folder(tiny):
     return folder, config
 
 
-def build(mode, folder, cfg, precision):
+def build(mode, folder, cfg, runtime):
     """The model each recipe trains."""
     import torch
     from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
@@ -117,16 +117,16 @@ def build(mode, folder, cfg, precision):
     labels = ["neg", "pos"]
     mode = mode.removesuffix("-compile")  # torch.compile wraps the same model
     if mode == "qlora":
-        model, tokenizer, _ = peft_qlora.build_model(cfg, labels, precision)
+        model, tokenizer, _ = peft_qlora.build_model(cfg, labels, runtime)
         return model, tokenizer
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    device = {"": "cuda:0" if torch.cuda.is_available() else "cpu"}
-    half = torch.bfloat16 if precision == "bf16" else torch.float32
+    device = {"": runtime.device}
+    half = runtime.dtype
     lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16, lora_dropout=0.1,
                       target_modules=["query", "value"])
     if mode == "naive":  # the same 4-bit model (a quantized head would crash), prepared with peft's defaults
         model = AutoModelForSequenceClassification.from_pretrained(
-            folder, **peft_qlora.quantized_load_kwargs(labels, precision))
+            folder, **peft_qlora.quantized_load_kwargs(labels, runtime))
         return get_peft_model(prepare_model_for_kbit_training(model), lora), tokenizer
     if mode == "lora":
         model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2, dtype=half,
@@ -141,7 +141,7 @@ def build(mode, folder, cfg, precision):
     return model, tokenizer
 
 
-def fixed_shape(model, args, precision, vocab_size):
+def fixed_shape(model, args, runtime, vocab_size):
     """Training steps on full 512-token batches in a plain loop: the rate the FLOP bound is compared with."""
     import torch
 
@@ -153,7 +153,7 @@ def fixed_shape(model, args, precision, vocab_size):
     labels = torch.randint(0, 2, (args.batch_size,), generator=gen).to(device)
     mask = torch.ones_like(ids)
     model.train()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    autocast = torch.autocast(device.type, dtype=runtime.dtype, enabled=runtime.precision != "fp32")
 
     def step():
         with autocast:
@@ -174,7 +174,7 @@ def fixed_shape(model, args, precision, vocab_size):
         step()
     sync()
     seconds = time.perf_counter() - start
-    return args.steps * args.batch_size / seconds, peft_qlora.peak_memory(), warmup
+    return args.steps * args.batch_size / seconds, peft_qlora.peak_memory(device), warmup
 
 
 def predict_rate(classifier, texts, batch_size):
@@ -187,7 +187,7 @@ def predict_rate(classifier, texts, batch_size):
     return len(texts) / (time.perf_counter() - start), probabilities
 
 
-def one_epoch(mode, model, tokenizer, texts, cfg, precision, workdir):
+def one_epoch(mode, model, tokenizer, texts, cfg, runtime, workdir):
     """One epoch of the Trainer over real reviews, as each recipe feeds them."""
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments
@@ -197,13 +197,13 @@ def one_epoch(mode, model, tokenizer, texts, cfg, precision, workdir):
         data = data.map(lambda b: tokenizer(b["text"], padding="max_length", truncation=True,
                                             max_length=cfg.max_length), batched=True, remove_columns=["text"])
         trainer = Trainer(model=model, train_dataset=data, args=TrainingArguments(
-            output_dir=workdir, num_train_epochs=1, bf16=precision == "bf16", label_names=["labels"],
+            output_dir=workdir, num_train_epochs=1, bf16=runtime.precision == "bf16", label_names=["labels"],
             save_strategy="no", report_to="none", disable_tqdm=True))
     else:
         data = peft_qlora.tokenize(data, tokenizer, cfg.max_length, cfg.truncation)
-        trainer = peft_qlora.make_trainer(model, tokenizer, data, data.select(range(8)), cfg, precision, workdir)
-        trainer.args.eval_strategy = trainer.args.save_strategy = "no"  # time training alone
-        trainer.args.disable_tqdm = True
+        plan = peft_qlora.BatchPlan(cfg.batch_size, 1, peft_qlora.DEFAULT_EVAL_BATCH, False)  # the batch asked for
+        trainer = peft_qlora.make_trainer(model, tokenizer, data, data.select(range(8)), cfg, runtime, plan, workdir,
+                                          evaluate_each_epoch=False, save_checkpoints=False)  # time training alone
     reset_memory()
     start = time.perf_counter()
     trainer.train()
@@ -212,8 +212,10 @@ def one_epoch(mode, model, tokenizer, texts, cfg, precision, workdir):
     # Tokens each review really has at this length (padding not counted), the same for every recipe
     real_tokens = sum(map(len, peft_qlora.encode(tokenizer, texts, cfg.max_length, "head")))
     return {"epoch_s": seconds, "epoch_reviews_per_s": len(texts) / seconds,
-            "epoch_tokens_per_s": real_tokens / seconds, "epoch_peak_memory_gib": peft_qlora.peak_memory() / 2**30,
-            "batch_size": trainer.args.per_device_train_batch_size}
+            "epoch_tokens_per_s": real_tokens / seconds,
+            "epoch_peak_memory_gib": peft_qlora.peak_memory(runtime.device) / 2**30,
+            "batch_size": trainer.args.per_device_train_batch_size, "epochs": trainer.state.epoch,
+            "optimizer_steps": trainer.state.global_step}
 
 
 def main():
@@ -224,9 +226,10 @@ def main():
     texts = pq.read_table(args.data, columns=["text"]).column("text").to_pylist()
     epoch_texts = texts if args.epoch_reviews == "all" else texts[:int(args.epoch_reviews)]
     folder, config = make_model_folder(args.tiny)
-    precision = peft_qlora.choose_precision("auto")
+    runtime = peft_qlora.decide_runtime("auto")
     workdir = tempfile.mkdtemp(prefix="bench-run-")
-    cfg = peft_qlora.parse_args(["--model", folder, "--max-length", str(args.max_length),
+    # One epoch: the timed epoch of every mode covers each review once
+    cfg = peft_qlora.parse_args(["--model", folder, "--max-length", str(args.max_length), "--epochs", "1",
                                  "--batch-size", str(args.batch_size), "--output-dir", workdir])
     peak = matmul_peak_tflops()
     rows = {}
@@ -234,8 +237,8 @@ def main():
         compiled = mode.endswith("-compile")
         mode_cfg = dataclasses.replace(cfg, compile=compiled)
         reset_memory()
-        model, tokenizer = build(mode, folder, mode_cfg, precision)
-        rate, memory, warmup = fixed_shape(torch.compile(model) if compiled else model, args, precision,
+        model, tokenizer = build(mode, folder, mode_cfg, runtime)
+        rate, memory, warmup = fixed_shape(torch.compile(model) if compiled else model, args, runtime,
                                            config.vocab_size)
         row = {"reviews_per_s": rate, "tokens_per_s": rate * args.max_length, "peak_memory_gib": memory / 2**30,
                "warmup_s": warmup}
@@ -245,23 +248,23 @@ def main():
         del model
         torch._dynamo.reset()  # the epoch compiles afresh, so its time includes the compilation
         reset_memory()
-        model, tokenizer = build(mode, folder, mode_cfg, precision)  # fresh weights and optimizer for the epoch
-        row.update(one_epoch(mode, model, tokenizer, epoch_texts, mode_cfg, precision, workdir))
+        model, tokenizer = build(mode, folder, mode_cfg, runtime)  # fresh weights and optimizer for the epoch
+        row.update(one_epoch(mode, model, tokenizer, epoch_texts, mode_cfg, runtime, workdir))
         if mode == "qlora":  # served as predict() serves it
             classifier = peft_qlora.make_classifier(model, tokenizer, ["neg", "pos"], args.max_length,
-                                                    cfg.truncation, precision)
+                                                    cfg.truncation, runtime, peft_qlora.DEFAULT_EVAL_BATCH)
             row["predict_reviews_per_s"], _ = predict_rate(classifier, texts[:args.predict_reviews],
-                                                           cfg.eval_batch_size)
+                                                           peft_qlora.DEFAULT_EVAL_BATCH)
         rows[mode] = row
         del model
         print(mode, json.dumps(row), flush=True)
-        result = report(rows, args, peak, precision, len(epoch_texts), len(texts))  # after each mode: a partial
+        result = report(rows, args, peak, runtime, len(epoch_texts), len(texts))  # after each mode: a partial
     print_table(result)
 
 
-def report(rows, args, peak, precision, epoch_reviews, all_reviews):
+def report(rows, args, peak, runtime, epoch_reviews, all_reviews):
     """The results so far, written to --out."""
-    result = {"device": peft_qlora.device_name(), "precision": precision, "bf16_matmul_tflops": peak,
+    result = {"device": peft_qlora.device_name(runtime), "precision": runtime.precision, "bf16_matmul_tflops": peak,
               "max_length": args.max_length, "batch_size": args.batch_size, "epoch_reviews": epoch_reviews,
               "tiny": args.tiny, "versions": peft_qlora.versions(), "modes": rows, "command": " ".join(sys.argv)}
     for mode, row in rows.items():  # an epoch over every review of --data, from the rate on epoch_reviews;

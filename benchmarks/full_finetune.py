@@ -2,8 +2,9 @@
 
 Takes peft_qlora.py's flags (data, subsets, --max-length, --truncation, epochs, batch size, precision, seed)
 and trains every weight of the unquantized model (fp32 weights, bf16/fp16 mixed precision on a GPU) instead
-of LoRA adapters on a 4-bit base, through the same data pipeline, Trainer settings and evaluation. Full
-fine-tuning needs a far lower learning rate than LoRA, for example --learning-rate 3e-5.
+of LoRA adapters on a 4-bit base, through the same data pipeline, batch planning, Trainer settings and
+evaluation; several GPUs through torchrun as peft_qlora.py. Full fine-tuning needs a far lower learning rate
+than LoRA, for example --learning-rate 3e-5.
 
     python benchmarks/full_finetune.py --model ../shared/models/minilm-l6-h384-uncased \\
         --train-file ../shared/data/imdb/train.parquet --eval-file ../shared/data/imdb/test.parquet \\
@@ -13,7 +14,6 @@ Writes OUTPUT_DIR/metrics.json in peft_qlora's layout; it keeps no model.
 """
 import json
 import os
-import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -23,35 +23,40 @@ import peft_qlora  # noqa: E402
 
 def main():
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_seed
+    from transformers import AutoModelForSequenceClassification, set_seed
 
     cfg = peft_qlora.parse_args(sys.argv[1:])
-    peft_qlora.logging.basicConfig(level=peft_qlora.logging.INFO, format="%(message)s")
-    precision = peft_qlora.choose_precision(cfg.precision)
+    peft_qlora.logging.basicConfig(level=peft_qlora.logging.INFO if os.environ.get("RANK", "0") == "0"
+                                   else peft_qlora.logging.WARNING, format="%(message)s")
+    runtime = peft_qlora.decide_runtime(cfg.precision)
     set_seed(cfg.seed)
     train_ds, eval_ds, label_names = peft_qlora.load_data(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    tokenizer = peft_qlora.load_tokenizer(cfg.model)
     model = AutoModelForSequenceClassification.from_pretrained(
         cfg.model, num_labels=len(label_names), id2label=dict(enumerate(label_names)),
-        label2id={n: i for i, n in enumerate(label_names)}, dtype=torch.float32,
-        device_map={"": "cuda:0" if torch.cuda.is_available() else "cpu"})
+        label2id={n: i for i, n in enumerate(label_names)}, dtype=torch.float32, device_map={"": runtime.device})
+    model.config.pad_token_id = tokenizer.pad_token_id
     params = sum(p.numel() for p in model.parameters())
+    plan = peft_qlora.choose_batches(cfg, model, runtime)
     train_ds = peft_qlora.tokenize(train_ds, tokenizer, cfg.max_length, cfg.truncation)
     eval_ds = peft_qlora.tokenize(eval_ds, tokenizer, cfg.max_length, cfg.truncation, sort_by_length=True)
-    checkpoints = os.path.join(cfg.output_dir, "checkpoints")
-    trainer = peft_qlora.make_trainer(model, tokenizer, train_ds, eval_ds, cfg, precision, checkpoints)
-    trainer.args.save_strategy = "no"  # a comparison run: nothing to resume
+    trainer = peft_qlora.make_trainer(model, tokenizer, train_ds, eval_ds, cfg, runtime, plan,
+                                      os.path.join(cfg.output_dir, "checkpoints"),
+                                      save_checkpoints=False)  # a comparison run: nothing to resume
     before = peft_qlora.evaluate(trainer, "Before training")
-    history, run = peft_qlora.train(trainer, resume=False)
+    history, run = peft_qlora.train(trainer, resume=False, device=runtime.device)
     metrics = {"method": "full fine-tuning", "before": before, "after": history[-1], "history": history,
                "label_names": label_names, "model": {"trainable_params": params, "total_params": params,
                                                      "memory_fp32_bytes": 4 * params},
-               "training": run, "precision": precision, "device": peft_qlora.device_name(),
+               "training": run, "batches": plan._asdict(), "precision": runtime.precision,
+               "processes": runtime.num_processes, "device": peft_qlora.device_name(runtime),
                "config": peft_qlora.asdict(cfg), "versions": peft_qlora.versions()}
-    shutil.rmtree(checkpoints, ignore_errors=True)
-    with open(os.path.join(cfg.output_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
-    print(json.dumps({k: metrics[k] for k in ("before", "after", "training")}, indent=2))
+    if runtime.is_main:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        with open(os.path.join(cfg.output_dir, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
+        print(json.dumps({k: metrics[k] for k in ("before", "after", "training")}, indent=2))
+    peft_qlora.end_process_group()
 
 
 if __name__ == "__main__":

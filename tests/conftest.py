@@ -38,16 +38,47 @@ def vocab_file(tmp_path_factory):
     return str(folder / "vocab.txt")
 
 
-def save_tiny_model(folder, config, vocab_file):
+def save_tiny_model(folder, config, vocab_file=None, tokenizer=None):
+    """A model of this config with random weights, saved with a WordPiece tokenizer (or the one given)."""
     import torch
     from transformers import AutoModel, BertTokenizer
 
     torch.manual_seed(0)
     AutoModel.from_config(config).save_pretrained(folder)
-    tokenizer = BertTokenizer(vocab=vocab_file)
+    tokenizer = tokenizer or BertTokenizer(vocab=vocab_file)
     assert tokenizer.unk_token_id not in tokenizer("the movie was good")["input_ids"], "the vocabulary loaded"
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+def bpe_tokenizer(bos=False):
+    """A byte-level BPE tokenizer as decoder LLMs have, trained on the committed reviews, with an end-of-sequence
+    token and no padding token (as Llama 3's); with bos=True it starts every text with a BOS token (Llama 3),
+    otherwise it adds no special token (SmolLM2)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts, _ = imdb_sample("train", 512)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=1000, special_tokens=["<|endoftext|>", "<|begin|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if bos:
+        bpe.post_processor = processors.TemplateProcessing(single="<|begin|> $A", special_tokens=[("<|begin|>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|begin|>")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """A 2-layer Llama (the architecture of Llama 3, Mistral's and SmolLM2's) with a tokenizer that has no padding
+    token: random weights, real 4-bit layers."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                         bos_token_id=1, eos_token_id=0, pad_token_id=None, initializer_range=0.2)
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), config, tokenizer=bpe_tokenizer())
 
 
 @pytest.fixture(scope="session")
@@ -74,6 +105,15 @@ def data_files(tmp_path_factory):
         paths[split] = str(folder / f"{split}.parquet")
         pq.write_table(pa.table({"text": texts, "label": labels}), paths[split])
     return paths
+
+
+def cpu_runtime(precision="fp32"):
+    """What decide_runtime gives a single process on this machine; bf16 too, which bitsandbytes computes on CPUs."""
+    import torch
+
+    import peft_qlora
+
+    return peft_qlora.Runtime(torch.device("cpu"), precision)
 
 
 def train_args(model, data_files, out, *extra):

@@ -24,6 +24,8 @@ def test_the_benchmark_runs_every_mode_on_a_tiny_model(tmp_path):
         assert row["epoch_tokens_per_s"] > 0 and row["peak_memory_gib"] > 0
         # 32 of 512 reviews: an epoch over all is extrapolated, except where it would multiply the compilation
         assert (row["full_epoch_s"] is None) == mode.endswith("-compile")
+        # The timed epoch is one pass over the 32 reviews, whatever the script's default number of epochs
+        assert row["epochs"] == 1 and row["optimizer_steps"] == 32 // row["batch_size"], (mode, row)
     assert report["modes"]["naive"]["batch_size"] == 8  # the Trainer's default, as in the notebook
     assert report["modes"]["qlora"]["predict_reviews_per_s"] > 0
     assert set(report["ratios"]) == {f"{q}_vs_{m}" for q in ("qlora", "qlora-compile")

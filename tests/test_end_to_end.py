@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from conftest import imdb_sample, run_cli, train_args
+from conftest import cpu_runtime, imdb_sample, run_cli, train_args
 
 REVIEWS = ["An absolute delight from start to finish.", "Dull, slow and far too long.", ""]
 
@@ -53,7 +53,7 @@ def load_4bit(model_dir):
     import peft_qlora
 
     model = AutoPeftModelForSequenceClassification.from_pretrained(
-        model_dir, **peft_qlora.quantized_load_kwargs(["neg", "pos"], "fp32"))
+        model_dir, **peft_qlora.quantized_load_kwargs(["neg", "pos"], cpu_runtime()))
     peft_qlora.prepare_4bit_layers(model)
     return model
 
@@ -78,8 +78,8 @@ def test_serving_dequantizes_once_and_changes_no_probability(trained):
     model = load_4bit(str(trained[0] / "model"))
     tokenizer = peft_qlora.load_classifier(str(trained[0] / "model")).tokenizer
     in_4bit = peft_qlora.classify(peft_qlora.Classifier(model.eval(), tokenizer, ["neg", "pos"], 128, "head+tail",
-                                                        "fp32"), texts, 16)
-    classifier = peft_qlora.make_classifier(model, tokenizer, ["neg", "pos"], 128, "head+tail", "fp32")
+                                                        cpu_runtime(), 16), texts)
+    classifier = peft_qlora.make_classifier(model, tokenizer, ["neg", "pos"], 128, "head+tail", cpu_runtime(), 16)
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in classifier.model.modules())
     query = classifier.model.base_model.model.bert.encoder.layer[0].attention.self.query
     assert type(query.base_layer) is torch.nn.Linear and query.base_layer.weight.dtype == torch.float32
@@ -101,7 +101,7 @@ def test_a_model_too_large_to_copy_is_served_in_4bit(trained, monkeypatch):
     monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=2**16))
     model = load_4bit(str(trained[0] / "model"))
     tokenizer = peft_qlora.load_classifier(str(trained[0] / "model")).tokenizer
-    classifier = peft_qlora.make_classifier(model, tokenizer, ["neg", "pos"], 128, "head+tail", "fp32")
+    classifier = peft_qlora.make_classifier(model, tokenizer, ["neg", "pos"], 128, "head+tail", cpu_runtime(), 16)
     assert sum(isinstance(m, bnb.nn.Linear4bit) for m in classifier.model.modules()) == 12
     assert len(peft_qlora.classify(classifier, REVIEWS, 16)) == len(REVIEWS)
 

@@ -2,7 +2,7 @@
 import pytest
 
 import peft_qlora
-from conftest import save_tiny_model
+from conftest import cpu_runtime, save_tiny_model
 
 SMALL = dict(vocab_size=1000, hidden_size=64, num_attention_heads=2, max_position_embeddings=130)
 
@@ -32,7 +32,7 @@ def test_build_model_quantizes_the_body_and_trains_adapters_and_head(arch, tiny_
     import torch
 
     cfg = peft_qlora.parse_args(["--model", tiny_models[arch], "--max-length", "64"])
-    model, tokenizer, info = peft_qlora.build_model(cfg, ["neg", "pos"], "fp32")
+    model, tokenizer, info = peft_qlora.build_model(cfg, ["neg", "pos"], cpu_runtime())
     targets, heads = EXPECTED[arch]
     assert info["lora_targets"] == targets and info["trained_heads"] == heads
 
@@ -69,7 +69,7 @@ def test_build_model_quantizes_the_body_and_trains_adapters_and_head(arch, tiny_
 
 def test_the_trainable_count_is_lora_plus_head_and_pooler(tiny_bert):
     cfg = peft_qlora.parse_args(["--model", tiny_bert, "--max-length", "64"])
-    _, _, info = peft_qlora.build_model(cfg, ["a", "b", "c"], "fp32")
+    _, _, info = peft_qlora.build_model(cfg, ["a", "b", "c"], cpu_runtime())
     hidden, layers, r = 64, 2, 8
     lora = layers * 2 * r * (hidden + hidden)  # query and value, A (r x in) and B (out x r)
     head = hidden * 3 + 3
