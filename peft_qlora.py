@@ -686,15 +686,21 @@ def texts_that_fit(budget: int, cost: tuple[int, int] | None) -> int:
     return max(0, (budget - fixed) // max(per_text, 1))
 
 
-def memory_budget(device) -> int:
-    """Bytes of GPU memory the batches may take: MEMORY_SHARE of what this process may use (what is free, or less
-    under torch.cuda.set_per_process_memory_fraction), less what the model already holds."""
+def gpu_memory_limit(device) -> int:
+    """Bytes of GPU memory this process may hold in all: what it holds and what is free, or less under a cap
+    (torch.cuda.set_per_process_memory_fraction, or PYTORCH_CUDA_ALLOC_CONF's per_process_memory_fraction)."""
     import torch
 
     free, total = torch.cuda.mem_get_info(device)
-    allowed = min(total * torch.cuda.get_per_process_memory_fraction(device),
-                  free + torch.cuda.memory_reserved(device))
-    return int(MEMORY_SHARE * allowed) - torch.cuda.memory_allocated(device)
+    return int(min(total * torch.cuda.get_per_process_memory_fraction(device),
+                   free + torch.cuda.memory_reserved(device)))
+
+
+def memory_budget(device) -> int:
+    """Bytes of GPU memory the batches may take: MEMORY_SHARE of the limit, less what the model already holds."""
+    import torch
+
+    return int(MEMORY_SHARE * gpu_memory_limit(device)) - torch.cuda.memory_allocated(device)
 
 
 def memory_cost(model, runtime: Runtime, length: int, training: bool, checkpointing: bool):
@@ -980,7 +986,8 @@ def make_classifier(model, tokenizer, label_names: list[str], max_length: int, t
     model.eval()
     device = runtime.device
     weights = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
+    free = (gpu_memory_limit(device) - torch.cuda.memory_allocated(device) if device.type == "cuda"
+            else psutil.virtual_memory().available)
     if 0 < weights * runtime.dtype.itemsize <= free / 4:
         model.dequantize(dtype=runtime.dtype)  # transformers swaps each Linear4bit for an nn.Linear holding the copy
         log.info("Serving with the 4-bit weights dequantized once to %s (%.0f MB)", DTYPES[runtime.precision],

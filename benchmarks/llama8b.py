@@ -5,10 +5,12 @@ The model has Llama-3-8B's shapes (hidden 4096, 32 layers, 32 heads, 8 key/value
 Each process's GPU memory is capped at a T4's 15 GiB with torch.cuda.set_per_process_memory_fraction, then
 peft_qlora.main runs with the flags given, choosing its batches as a T4 user's run would.
 
-    python benchmarks/llama8b.py --make /tmp/llama8b            # the random model, bf16 (15 GB on disk)
-    python benchmarks/llama8b.py --run /tmp/llama8b -- --train-file train.parquet --eval-file test.parquet \\
+    python benchmarks/llama8b.py make /tmp/llama8b             # the random model, bf16 (15 GB on disk)
+    python benchmarks/llama8b.py train /tmp/llama8b -- --train-file train.parquet --eval-file test.parquet \\
         --train-size 256 --eval-size 64 --epochs 1 --output-dir /tmp/llama8b-run
-    torchrun --nproc_per_node 2 benchmarks/llama8b.py --run /tmp/llama8b -- ...    # each GPU capped the same
+    torchrun --nproc_per_node 2 benchmarks/llama8b.py train /tmp/llama8b -- ...    # each GPU capped the same
+
+(Positional commands: torchrun's own parser takes a script flag such as --run for a prefix of its --run-path.)
 
 The run's metrics.json holds the batches chosen, the peak memory since training began (the evaluation after
 each epoch included, at the same batch as the one before training) and the training rate; this script adds
@@ -63,14 +65,15 @@ def run(folder, flags):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--make", metavar="FOLDER", help="write the random 8B-shaped model here")
-    parser.add_argument("--run", metavar="FOLDER", help="train the model in FOLDER under the T4 cap")
+    parser.add_argument("command", choices=["make", "train"], help="make: write the random 8B-shaped model to "
+                        "FOLDER; train: run peft_qlora.py on the model in FOLDER under the T4 cap")
+    parser.add_argument("folder")
     parser.add_argument("flags", nargs="*", help="peft_qlora.py flags, after --")
     args = parser.parse_args()
-    if args.make:
-        make(args.make)
-    if args.run:
-        sys.exit(run(args.run, args.flags))
+    if args.command == "make":
+        make(args.folder)
+    else:
+        sys.exit(run(args.folder, args.flags))
 
 
 if __name__ == "__main__":
