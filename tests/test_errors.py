@@ -23,9 +23,20 @@ def with_data(data_file, *args):
     return ["--train-file", data_file, "--eval-file", data_file, "--train-size", "all", "--eval-size", "all", *args]
 
 
+def vision_model(folder):
+    """A model folder whose architecture transformers cannot load for sequence classification (only its config:
+    the script must refuse it before it looks for weights or a tokenizer)."""
+    from transformers import ViTConfig
+
+    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(folder)
+    return str(folder)
+
+
 CASES = {
     "missing model folder": (lambda t, g, d: with_data(g, "--model", str(t / "no-such-model")),
                              ["cannot load model", "local folder"]),
+    "model that cannot classify": (lambda t, g, d: with_data(g, "--model", vision_model(t / "vit")),
+                                   ["is a 'vit' model", "no sequence-classification class", "--model"]),
     "hub model unreachable": (lambda t, g, d: with_data(g, "--model", "someone/some-model"),
                               ["cannot load model 'someone/some-model'", "hub may be unreachable"]),
     "hub dataset unreachable": (lambda t, g, d: ["--dataset", "someone/some-data"],
