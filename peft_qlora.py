@@ -41,6 +41,12 @@ class UserError(Exception):
     """Bad input. The command line prints the message, without a traceback, and exits with status 1."""
 
 
+def file_builder(path: str) -> str | None:
+    """The datasets builder that reads a data file of this kind, by its extension."""
+    return {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(
+        os.path.splitext(path)[1].lower())
+
+
 def _opt(default: Any, help: str, **argparse_kwargs: Any) -> Any:
     """A Config field whose help text (and argparse details) live next to its default."""
     return field(default=default, metadata={"help": help, **argparse_kwargs})
@@ -144,6 +150,11 @@ class Config:
         """The checks that need no file and no framework, in one place; each names the flag and the fix."""
         if bool(self.train_file) != bool(self.eval_file):
             raise UserError("--train-file and --eval-file go together: give both, or neither to use --dataset")
+        for flag, path in (("--train-file", self.train_file), ("--eval-file", self.eval_file)):
+            if path and file_builder(path) is None:
+                raise UserError(f"{flag} {path}: unknown file type; use .csv, .json, .jsonl or .parquet")
+            if path and not os.path.isfile(path):
+                raise UserError(f"{flag} {path}: no such file")
         if self.max_length < 8:
             raise UserError(f"--max-length {self.max_length} leaves no room for text: use 8 or more")
         if self.micro_batch_size and self.batch_size % self.micro_batch_size:
@@ -278,29 +289,37 @@ def wait_for_everyone() -> None:
     PartialState().wait_for_everyone()
 
 
-def prepare_output_dir(cfg: Config, runtime: Runtime) -> str:
-    """Refuses to overwrite what an earlier run trained, then readies OUTPUT_DIR/checkpoints; returns its path.
-    Every process checks (they see the same files and reach the same verdict); only the main one writes."""
+def has_checkpoints(checkpoints: str) -> bool:
+    return os.path.isdir(checkpoints) and any(name.startswith("checkpoint-") for name in os.listdir(checkpoints))
+
+
+def check_output_dir(cfg: Config) -> None:
+    """Refuses to overwrite what an earlier run trained, or to start over an interrupted one unasked."""
     model_dir = os.path.join(cfg.output_dir, "model")
     checkpoints = os.path.join(cfg.output_dir, "checkpoints")
-    has_checkpoints = os.path.isdir(checkpoints) and any(
-        name.startswith("checkpoint-") for name in os.listdir(checkpoints))
     if os.path.exists(model_dir) and not cfg.overwrite:
         raise UserError(f"{model_dir} already holds a trained model: pass --overwrite to replace it once the new "
                         "one is saved, or choose another --output-dir")
+    if cfg.resume and not has_checkpoints(checkpoints):
+        raise UserError(f"--resume found no checkpoint in {checkpoints}: run without --resume to start afresh")
+    if not cfg.resume and has_checkpoints(checkpoints) and not cfg.overwrite:
+        raise UserError(f"{checkpoints} holds checkpoints of an interrupted run: pass --resume to continue it, "
+                        "or --overwrite to start over")
+
+
+def prepare_output_dir(cfg: Config, runtime: Runtime) -> str:
+    """Readies OUTPUT_DIR/checkpoints for this run (check_output_dir has allowed it) and returns its path: a
+    resumed run must have the interrupted one's settings; a new one clears what --overwrite replaces and records
+    its settings. Every process checks (they see the same files); only the main one writes."""
+    checkpoints = os.path.join(cfg.output_dir, "checkpoints")
     if cfg.resume:
-        if not has_checkpoints:
-            raise UserError(f"--resume found no checkpoint in {checkpoints}: run without --resume to start afresh")
         with open(os.path.join(checkpoints, "run_config.json")) as f:
             saved = json.load(f)
         changed = {k for k, v in run_settings(cfg, runtime).items() if saved.get(k) != v}
         if changed:
             raise UserError("--resume continues a run with the same settings, but these differ from the "
                             f"interrupted run's: {', '.join(sorted(changed))}")
-    elif has_checkpoints and not cfg.overwrite:
-        raise UserError(f"{checkpoints} holds checkpoints of an interrupted run: pass --resume to continue it, "
-                        "or --overwrite to start over")
-    if runtime.is_main and not cfg.resume:
+    elif runtime.is_main:
         shutil.rmtree(checkpoints, ignore_errors=True)
         os.makedirs(checkpoints)
         with open(os.path.join(checkpoints, "run_config.json"), "w") as f:
@@ -359,14 +378,10 @@ def load_data(cfg: Config):
 
 
 def read_file(path: str, flag: str):
+    """A data file Config has checked exists and has a known kind."""
     from datasets import load_dataset
 
-    builders = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-    builder = builders.get(os.path.splitext(path)[1].lower())
-    if builder is None:
-        raise UserError(f"{flag} {path}: unknown file type; use .csv, .json, .jsonl or .parquet")
-    if not os.path.isfile(path):
-        raise UserError(f"{flag} {path}: no such file")
+    builder = file_builder(path)
     try:
         return load_dataset(builder, data_files=path, split="train")
     except Exception as e:  # datasets, pandas and pyarrow each raise their own kind
@@ -1108,12 +1123,14 @@ def device_name(runtime: Runtime) -> str:
 
 def run(cfg: Config) -> dict:
     """The whole workflow; returns what it saved in metrics.json."""
+    # The data and the output folder first: their mistakes are reported in seconds, before the frameworks load
+    train_ds, eval_ds, label_names = load_data(cfg)
+    check_output_dir(cfg)
     from transformers import set_seed
 
     runtime = decide_runtime(cfg.precision)
     checkpoints = prepare_output_dir(cfg, runtime)
     set_seed(cfg.seed)  # before the model: the new head and the LoRA matrices start from it
-    train_ds, eval_ds, label_names = load_data(cfg)
     model, tokenizer, model_info = build_model(cfg, label_names, runtime)
     plan = choose_batches(cfg, model, runtime)
     train_ds = tokenize(train_ds, tokenizer, cfg.max_length, cfg.truncation)

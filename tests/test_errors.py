@@ -70,7 +70,7 @@ CASES = {
     "max length too small": (lambda t, g, d: ["--max-length", "4"], ["leaves no room"]),
     "max length over the model's": (lambda t, g, d: with_data(g, "--model", d, "--max-length", "4096"),
                                     ["--max-length 4096 is more than", "128 tokens"]),
-    "fp16 without a GPU": (lambda t, g, d: ["--precision", "fp16"], ["needs a CUDA GPU", "fp32"]),
+    "fp16 without a GPU": (lambda t, g, d: with_data(g, "--precision", "fp16"), ["needs a CUDA GPU", "fp32"]),
     "bad LoRA target": (lambda t, g, d: with_data(g, "--model", d, "--max-length", "64",
                                                    "--lora-targets", "attn_nonexistent"),
                         ["--lora-targets attn_nonexistent"]),
