@@ -70,6 +70,19 @@ def _auto_int(text: str) -> int | None:
     return None if text == "auto" else _positive_int(text)
 
 
+def _validation_size(text: str) -> int | float:
+    """A number of texts (10) or a fraction of the training data (0.1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of texts or a fraction, got {text!r}") from None
+    if value.is_integer() and value >= 1:
+        return int(value)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of texts or a fraction in (0, 1), got {text}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -102,7 +115,11 @@ class Config:
         None, "names for integer labels 0..k-1 (default for two classes: neg pos, as IMDb's)", nargs="+")
     train_size: int | None = _opt(4000, "training texts drawn, balanced by label, or 'all' (4000: minutes on a T4)",
                                   type=_size)
-    eval_size: int | None = _opt(2000, "evaluation texts drawn, balanced by label, or 'all'", type=_size)
+    eval_size: int | None = _opt(2000, "evaluation (test) texts drawn, balanced by label, or 'all'", type=_size)
+    validation_size: int | float | None = _opt(
+        None, "texts held out of the training texts, stratified by label (a number, or a fraction such as 0.1): "
+        "each epoch is evaluated on them and the best epoch is kept; the test texts are then evaluated only "
+        "before and after training", type=_validation_size)
     max_length: int = _opt(512, "tokens kept per text, special tokens included (BERT's most; 14%% of IMDb's "
                            "reviews are longer, 44%% are longer than 256, and more tokens scored better)",
                            type=_positive_int)
@@ -136,6 +153,10 @@ class Config:
         "auto", "recompute activations in the backward pass: less memory, slower steps; auto: on only when fewer "
         "than 4 texts of --max-length fit a micro-batch without it", choices=["auto", "on", "off"], nargs="?",
         const="on")
+    early_stopping: int | None = _opt(None, "stop after this many epochs without a better validation accuracy "
+                                      "(needs --validation-size)", type=_positive_int)
+    class_weights: str = _opt("none", "balanced: weigh each class's loss by the inverse of its share of the training "
+                              "texts, for imbalanced labels", choices=["none", "balanced"])
     compile: bool = _opt(False, "torch.compile the model: faster steps after a one-off compilation of a minute or "
                          "more, which pays on long runs only")
     seed: int = _opt(42, "seed for the data subset, the new head, LoRA and the data order", type=int)
@@ -143,6 +164,8 @@ class Config:
     output_dir: str = _opt("outputs/imdb_qlora",
                            "checkpoints go to OUTPUT_DIR/checkpoints, the model to OUTPUT_DIR/model")
     images_dir: str = _opt("images", "where bar_chart.png and line_chart.png are drawn")
+    report_to: str = _opt("none", "where the Trainer also logs the run: tensorboard (into OUTPUT_DIR/logs), wandb, "
+                          "mlflow", choices=["none", "tensorboard", "wandb", "mlflow"])
     resume: bool = _opt(False, "continue an interrupted run from its last checkpoint")
     overwrite: bool = _opt(False, "replace the model (and checkpoints) an earlier run left in --output-dir")
 
@@ -160,6 +183,9 @@ class Config:
         if self.micro_batch_size and self.batch_size % self.micro_batch_size:
             raise UserError(f"--batch-size {self.batch_size} is not a multiple of --micro-batch-size "
                             f"{self.micro_batch_size}: each optimizer step adds up whole micro-batches")
+        if self.early_stopping and not self.validation_size:
+            raise UserError("--early-stopping needs --validation-size: the epochs are compared on held-out "
+                            "training texts, never on the test texts")
         if self.lora_targets and "all-linear" in self.lora_targets and len(self.lora_targets) > 1:
             raise UserError("--lora-targets all-linear stands alone: it already names every 4-bit layer")
 
@@ -342,8 +368,15 @@ def run_settings(cfg: Config, runtime: Runtime) -> dict:
 # Data
 
 
-def load_data(cfg: Config):
-    """Returns (train, eval, label_names): datasets with columns text and labels (ids into label_names)."""
+class Splits(NamedTuple):
+    train: Any  # datasets.Dataset with columns text and labels (ids into label_names)
+    validation: Any  # held out of train (--validation-size), or None
+    test: Any
+    label_names: list[str]
+
+
+def load_data(cfg: Config) -> Splits:
+    """The training and test texts, subsets drawn, labels made ids, and the validation texts held out."""
     from datasets import Dataset
 
     if cfg.train_file:
@@ -373,8 +406,27 @@ def load_data(cfg: Config):
                             f"ask for fewer, or {flag} all")
         rows = balanced_subset(ids, size, cfg.seed) if size is not None else range(len(ids))
         out.append(Dataset.from_dict({"text": [texts[i] for i in rows], "labels": [ids[i] for i in rows]}))
-    log.info("Data: %d training and %d evaluation texts, labels %s", len(out[0]), len(out[1]), label_names)
-    return out[0], out[1], label_names
+    train, validation = hold_out(out[0], cfg.validation_size, cfg.seed) if cfg.validation_size else (out[0], None)
+    log.info("Data: %d training, %s%d test texts, labels %s", len(train),
+             f"{len(validation)} validation and " if validation else "", len(out[1]), label_names)
+    if len(train) < 10 * len(label_names):
+        log.warning("Only %d training texts for %d classes: too few to learn from; use more (--train-size)",
+                    len(train), len(label_names))
+    return Splits(train, validation, out[1], label_names)
+
+
+def hold_out(train, size: int | float, seed: int):
+    """(the rest, the held-out texts): `size` texts or that fraction, stratified by label (scikit-learn)."""
+    from sklearn.model_selection import train_test_split
+
+    if isinstance(size, int) and size >= len(train):
+        raise UserError(f"--validation-size {size} leaves no training texts out of {len(train)}: hold out fewer")
+    try:
+        rest, held = train_test_split(range(len(train)), test_size=size, stratify=train["labels"], random_state=seed)
+    except ValueError as e:  # a class with one text, or fewer held-out texts than classes
+        raise UserError(f"--validation-size {size}: cannot hold out texts of every class ({e}); hold out more, or "
+                        "train on more texts") from e
+    return train.select(sorted(rest)), train.select(sorted(held))
 
 
 def read_file(path: str, flag: str):
@@ -515,6 +567,28 @@ def load_tokenizer(source: str):
     return tokenizer
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers and peft at work without their notices: the load report listing a new head as missing
+    (load_base_model says what matters), the weight-loading bars, deprecation warnings that peft triggers in
+    transformers, the dequantization notice. The caller's settings are restored afterwards."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def load_pretrained(auto_class, source: str, **kwargs):
     """from_pretrained, with a missing model or an unreachable hub reported as the user's to fix."""
     try:
@@ -563,8 +637,12 @@ def load_base_model(source: str, label_names: list[str], runtime: Runtime):
         raise UserError(f"{source} is a {config.model_type!r} model, for which transformers has no sequence-"
                         "classification class: choose a --model that AutoModelForSequenceClassification loads "
                         "(BERT, RoBERTa, DistilBERT, Llama, Mistral, Qwen2, Gemma, ...)")
-    model = load_pretrained(AutoModelForSequenceClassification, source,
-                            **quantized_load_kwargs(label_names, runtime))
+    model, loading = load_pretrained(AutoModelForSequenceClassification, source, output_loading_info=True,
+                                     **quantized_load_kwargs(label_names, runtime))
+    # transformers' own report (quieted) lists the new head as missing; only other missing weights are news
+    missing = [key for key in loading["missing_keys"] if not set(key.split(".")) & set(HEAD_MODULES)]
+    if missing:
+        log.warning("%s lacks %d weights, which start random: %s", source, len(missing), ", ".join(missing[:10]))
     # What trains stays fp32: fp16 mixed precision (a T4) can only unscale fp32 gradients, and small updates to
     # 16-bit weights would round away
     for head in trainable_heads(model).values():
@@ -801,12 +879,17 @@ def compute_metrics(eval_pred) -> dict:
 
 
 def make_trainer(model, tokenizer, train_ds, eval_ds, cfg: Config, runtime: Runtime, plan: BatchPlan,
-                 checkpoints: str, evaluate_each_epoch: bool = True, save_checkpoints: bool = True):
-    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+                 checkpoints: str, class_weights: list[float] | None = None, evaluate_each_epoch: bool = True,
+                 save_checkpoints: bool = True):
+    """The Trainer for this run. eval_ds is what each epoch is evaluated on: the validation texts when the run
+    holds some out (the best epoch is then kept), else the test texts."""
+    from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer, TrainingArguments
+    from transformers.trainer_callback import ProgressCallback
 
     # transformers 5.24 renamed gradient_checkpointing (5.17's name) to activation_checkpointing
     checkpointing = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
                      else "gradient_checkpointing")
+    keep_best = bool(cfg.validation_size) and evaluate_each_epoch
     args = TrainingArguments(
         output_dir=checkpoints,
         num_train_epochs=cfg.epochs,
@@ -828,16 +911,85 @@ def make_trainer(model, tokenizer, train_ds, eval_ds, cfg: Config, runtime: Runt
         # batches of similar lengths (shuffled in groups): little padding, same randomness per epoch
         train_sampling_strategy="group_by_length",
         save_strategy="epoch" if save_checkpoints else "no",  # a checkpoint per epoch for --resume
-        save_total_limit=1,  # --resume needs only the latest
+        save_total_limit=1,  # --resume needs only the latest (and the Trainer keeps the best beside it)
+        load_best_model_at_end=keep_best,
+        metric_for_best_model="accuracy" if keep_best else None,
         logging_strategy="epoch",  # one mean training loss per epoch, beside that epoch's evaluation
+        disable_tqdm=False,  # the default follows transformers' verbosity, which quiet_transformers lowers
         label_names=["labels"],  # a peft model hides its forward signature, so say where the labels are
         dataloader_num_workers=2 if runtime.device.type == "cuda" else 0,  # pad the next batches while the GPU works
         seed=cfg.seed,
-        report_to="none",
+        report_to=cfg.report_to if cfg.report_to in ("wandb", "mlflow") else "none",  # tensorboard: below
     )
+    callbacks = [EarlyStoppingCallback(cfg.early_stopping)] if cfg.early_stopping else []
+    if cfg.report_to == "tensorboard" and runtime.is_main:  # into OUTPUT_DIR/logs, which outlives the checkpoints
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+
+        callbacks.append(TensorBoardCallback(SummaryWriter(os.path.join(cfg.output_dir, "logs"))))
     collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=runtime.pad_multiple)
-    return Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
-                   processing_class=tokenizer, compute_metrics=compute_metrics)
+    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
+                      processing_class=tokenizer, compute_metrics=compute_metrics, callbacks=callbacks,
+                      compute_loss_func=weighted_loss(class_weights) if class_weights else None)
+    trainer.remove_callback(ProgressCallback)  # for one that prints less
+    trainer.add_callback(epoch_progress())
+    return trainer
+
+
+def epoch_progress():
+    """The Trainer's progress bar for training, with one line per epoch's evaluation instead of its raw metric
+    dictionaries, and an evaluation bar only outside training (inside, the training bar shows the progress)."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class EpochProgress(ProgressCallback):
+        def on_prediction_step(self, args, state, control, **kwargs):
+            if self.training_bar is None:
+                super().on_prediction_step(args, state, control, **kwargs)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and self.training_bar is not None and "eval_accuracy" in logs:
+                self.training_bar.write(f"Epoch {round(logs['epoch'])}: accuracy {logs['eval_accuracy']:.4f}, "
+                                        f"F1 {logs['eval_f1']:.4f}, loss {logs['eval_loss']:.4f}")
+
+    return EpochProgress()
+
+
+def balanced_class_weights(labels: list[int], label_names: list[str]) -> list[float]:
+    """Each class's weight, the inverse of its share of the training texts (scikit-learn's "balanced")."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    absent = [name for i, name in enumerate(label_names) if i not in set(labels)]
+    if absent:
+        raise UserError(f"--class-weights balanced: the training texts have no {', '.join(absent)}, so it cannot be "
+                        "weighed; train on texts of every class")
+    weights = compute_class_weight("balanced", classes=list(range(len(label_names))), y=labels)
+    log.info("Class weights: %s", ", ".join(f"{name} {w:.2f}" for name, w in zip(label_names, weights)))
+    return weights.tolist()
+
+
+def weighted_loss(weights: list[float]):
+    """The Trainer's loss hook (compute_loss_func): cross-entropy with each class weighted, summed and divided by
+    the texts of the whole optimizer step, as the Trainer expects of the hook under gradient accumulation
+    (balanced weights average 1 over the training texts, so this is the weighted mean)."""
+    def loss(outputs, labels, num_items_in_batch=None):
+        import torch
+
+        logits = outputs.logits.float()
+        summed = torch.nn.functional.cross_entropy(logits, labels, reduction="sum",
+                                                   weight=torch.tensor(weights, device=logits.device))
+        return summed / (labels.numel() if num_items_in_batch is None else num_items_in_batch)
+
+    return loss
+
+
+def check_report_to(report_to: str) -> None:
+    """The logging integration --report-to names is installed (transformers' own check)."""
+    from transformers import integrations
+
+    available = {"tensorboard": integrations.is_tensorboard_available, "wandb": integrations.is_wandb_available,
+                 "mlflow": integrations.is_mlflow_available}
+    if report_to in available and not available[report_to]():
+        raise UserError(f"--report-to {report_to} needs the {report_to} package: pip install {report_to}")
 
 
 @contextlib.contextmanager
@@ -851,11 +1003,22 @@ def explain_out_of_memory(doing: str, remedy: str):
         raise UserError(f"the GPU ran out of memory {doing}: {remedy}") from e
 
 
-def evaluate(trainer, phase: str) -> dict:
+def evaluate(trainer, dataset, label_names: list[str], phase: str) -> dict:
+    """Accuracy, F1 and loss on the dataset, with where the model errs: each class's precision, recall, F1 and
+    support, and the confusion matrix (rows: the true class, columns: the predicted one)."""
+    from sklearn.metrics import classification_report, confusion_matrix
+
     with explain_out_of_memory(f"evaluating ({phase.lower()})", "lower --eval-batch-size or --max-length"):
-        raw = trainer.evaluate()
+        output = trainer.predict(dataset, metric_key_prefix="eval")
+    raw, predicted, true = output.metrics, output.predictions.argmax(-1), output.label_ids
+    classes = list(range(len(label_names)))
+    report = classification_report(true, predicted, labels=classes, target_names=label_names, output_dict=True,
+                                   zero_division=0)
     metrics = {"accuracy": raw["eval_accuracy"], "f1": raw["eval_f1"], "loss": raw["eval_loss"],
-               "runtime_s": raw["eval_runtime"], "samples_per_s": raw["eval_samples_per_second"]}
+               "runtime_s": raw["eval_runtime"], "samples_per_s": raw["eval_samples_per_second"],
+               "per_class": {name: {key: report[name][key] for key in ("precision", "recall", "f1-score", "support")}
+                             for name in label_names},
+               "confusion_matrix": confusion_matrix(true, predicted, labels=classes).tolist()}
     log.info("%s: accuracy %.4f, F1 %.4f (%.1f s)", phase, metrics["accuracy"], metrics["f1"], metrics["runtime_s"])
     return metrics
 
@@ -880,7 +1043,11 @@ def train(trainer, resume: bool, device) -> tuple[list[dict], dict]:
            "optimizer_steps": trainer.state.global_step, "peak_memory_bytes": peak_memory(device), "resumed": resume}
     log.info("Trained %d epochs in %.1f s, peak memory %.0f MB", len(history), run["train_runtime_s"],
              run["peak_memory_bytes"] / 1e6)
-    return [history[e] for e in sorted(history) if "accuracy" in history[e]], run
+    evaluated = [history[e] for e in sorted(history) if "accuracy" in history[e]]
+    if trainer.args.load_best_model_at_end:  # the Trainer reloaded the best epoch's weights
+        run["best_epoch"] = next(h["epoch"] for h in evaluated if h["accuracy"] == trainer.state.best_metric)
+        log.info("Kept epoch %d, the most accurate on the validation texts", run["best_epoch"])
+    return evaluated, run
 
 
 def peak_memory(device) -> int:
@@ -926,45 +1093,88 @@ def save(model, tokenizer, metrics: dict, model_dir: str) -> None:
 
 
 def plot(metrics: dict, images_dir: str) -> list[str]:
-    """bar_chart.png: accuracy and F1 before and after training; line_chart.png: accuracy per epoch."""
-    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
-
+    """bar_chart.png: accuracy and F1 before and after training; line_chart.png: accuracy per epoch;
+    confusion_matrix.png: where the trained model errs."""
     os.makedirs(images_dir, exist_ok=True)
-    before, after = metrics["before"], metrics["after"]
+    figures = {"bar_chart.png": bar_chart(metrics), "line_chart.png": line_chart(metrics),
+               "confusion_matrix.png": confusion_chart(metrics["after"]["confusion_matrix"], metrics["label_names"])}
+    paths = []
+    for name, figure in figures.items():
+        paths.append(os.path.join(images_dir, name))
+        figure.savefig(paths[-1], dpi=120)
+    log.info("Charts: %s", ", ".join(paths))
+    return paths
+
+
+def bar_chart(metrics: dict):
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
 
     bar = Figure(figsize=(6, 4), layout="constrained")
     ax = bar.subplots()
     width = 0.38
-    phases = (("before training", before), ("after training", after))
+    phases = (("before training", metrics["before"]), ("after training", metrics["after"]))
     for offset, (name, values) in zip((-width / 2, width / 2), phases):
         bars = ax.bar([i + offset for i in range(2)], [values["accuracy"], values["f1"]], width, label=name)
         ax.bar_label(bars, fmt="%.3f", padding=2)
     ax.set_xticks(range(2), ["Accuracy", "F1"])
     ax.set_ylim(0, 1.25)  # headroom for the legend above bars that reach 1.0
-    ax.set_ylabel("score on the evaluation set")
+    ax.set_ylabel("score on the test set")
     ax.set_title(f"QLoRA fine-tuning of {os.path.basename(metrics['config']['model'].rstrip('/'))}")
     ax.legend(loc="upper center", ncol=2)
+    return bar
 
+
+def line_chart(metrics: dict):
+    """Accuracy per epoch on the texts each epoch was evaluated on: the validation texts if the run held some
+    out, else the test texts."""
+    from matplotlib.figure import Figure
+
+    start = metrics.get("validation_before", metrics["before"])
+    texts = "validation" if "validation_before" in metrics else "test"
     line = Figure(figsize=(6, 4), layout="constrained")
     ax = line.subplots()
     epochs = [0] + [h["epoch"] for h in metrics["history"]]
-    accuracy = [before["accuracy"]] + [h["accuracy"] for h in metrics["history"]]
+    accuracy = [start["accuracy"]] + [h["accuracy"] for h in metrics["history"]]
     ax.plot(epochs, accuracy, marker="o", label="after each epoch of training")
-    ax.axhline(before["accuracy"], color="gray", linestyle="--", label=f"before training ({before['accuracy']:.3f})")
+    ax.axhline(start["accuracy"], color="gray", linestyle="--", label=f"before training ({start['accuracy']:.3f})")
     for x, y in zip(epochs[1:], accuracy[1:]):
         ax.annotate(f"{y:.3f}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center")
+    best = metrics["training"].get("best_epoch")
+    if best:
+        ax.plot([best], [accuracy[epochs.index(best)]], marker="o", markersize=14, fillstyle="none", color="C3",
+                linestyle="none", label=f"kept: epoch {best}")
     ax.set_xticks(epochs)
     ax.set_xlabel("epoch (0 = untrained)")
-    ax.set_ylabel("accuracy on the evaluation set")
+    ax.set_ylabel(f"accuracy on the {texts} set")
     ax.set_ylim(0, 1.05)
     ax.set_title("Accuracy per epoch")
     ax.legend(loc="lower right")
+    return line
 
-    paths = [os.path.join(images_dir, "bar_chart.png"), os.path.join(images_dir, "line_chart.png")]
-    bar.savefig(paths[0], dpi=120)
-    line.savefig(paths[1], dpi=120)
-    log.info("Charts: %s", ", ".join(paths))
-    return paths
+
+def confusion_chart(counts: list[list[int]], label_names: list[str]):
+    """The confusion matrix as scikit-learn draws it, each cell with its count and its share of the true class's
+    texts (the row), sized to stay readable up to 20 classes."""
+    import numpy as np
+    from matplotlib.figure import Figure
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    counts = np.array(counts)
+    shares = counts / counts.sum(axis=1, keepdims=True).clip(min=1)
+    k = len(label_names)
+    side = max(4.5, 2.5 + 0.7 * k)
+    figure = Figure(figsize=(side, side), layout="constrained")
+    ax = figure.subplots()
+    display = ConfusionMatrixDisplay(shares, display_labels=label_names)
+    display.plot(ax=ax, cmap="Blues", colorbar=False, im_kw={"vmin": 0, "vmax": 1},
+                 xticks_rotation=45 if k > 4 else "horizontal")
+    for (i, j), text in np.ndenumerate(display.text_):
+        text.set_text(f"{counts[i, j]}\n{shares[i, j]:.0%}")
+        text.set_fontsize(10 if k <= 6 else max(7, 13 - k // 3))
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class (shares of its row)")
+    ax.set_title("Where the trained model errs (test set)")
+    return figure
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1020,16 +1230,17 @@ def load_classifier(model_dir: str) -> Classifier:
                         "(or point model_dir / --model-dir at the folder a run saved)")
     with open(metrics_file) as f:
         saved = json.load(f)
-    runtime = decide_runtime("auto")
-    base = load_base_model(PeftConfig.from_pretrained(model_dir).base_model_name_or_path, saved["label_names"],
-                           runtime)
-    tokenizer = load_tokenizer(model_dir)  # as saved: with the padding token training chose
-    base.config.pad_token_id = tokenizer.pad_token_id
-    model = PeftModel.from_pretrained(base, model_dir)  # the adapter, and the trained head over the fp32 copy
-    prepare_4bit_layers(model)
-    return make_classifier(model, tokenizer, saved["label_names"], saved["config"]["max_length"],
-                           saved["config"]["truncation"], runtime,
-                           saved.get("batches", {}).get("eval_batch", DEFAULT_EVAL_BATCH))
+    with quiet_transformers():  # a notebook's predict() prints nothing it did not ask for
+        runtime = decide_runtime("auto")
+        base = load_base_model(PeftConfig.from_pretrained(model_dir).base_model_name_or_path, saved["label_names"],
+                               runtime)
+        tokenizer = load_tokenizer(model_dir)  # as saved: with the padding token training chose
+        base.config.pad_token_id = tokenizer.pad_token_id
+        model = PeftModel.from_pretrained(base, model_dir)  # the adapter, and the trained head over the fp32 copy
+        prepare_4bit_layers(model)
+        return make_classifier(model, tokenizer, saved["label_names"], saved["config"]["max_length"],
+                               saved["config"]["truncation"], runtime,
+                               saved.get("batches", {}).get("eval_batch", DEFAULT_EVAL_BATCH))
 
 
 def classify(classifier: Classifier, texts: list[str], batch_size: int | None = None) -> list[list[float]]:
@@ -1124,36 +1335,46 @@ def device_name(runtime: Runtime) -> str:
 def run(cfg: Config) -> dict:
     """The whole workflow; returns what it saved in metrics.json."""
     # The data and the output folder first: their mistakes are reported in seconds, before the frameworks load
-    train_ds, eval_ds, label_names = load_data(cfg)
+    data = load_data(cfg)
     check_output_dir(cfg)
-    from transformers import set_seed
+    with quiet_transformers():
+        from transformers import set_seed
 
-    runtime = decide_runtime(cfg.precision)
-    checkpoints = prepare_output_dir(cfg, runtime)
-    set_seed(cfg.seed)  # before the model: the new head and the LoRA matrices start from it
-    model, tokenizer, model_info = build_model(cfg, label_names, runtime)
-    plan = choose_batches(cfg, model, runtime)
-    train_ds = tokenize(train_ds, tokenizer, cfg.max_length, cfg.truncation)
-    eval_ds = tokenize(eval_ds, tokenizer, cfg.max_length, cfg.truncation, sort_by_length=True)
-    trainer = make_trainer(model, tokenizer, train_ds, eval_ds, cfg, runtime, plan, checkpoints)
-    before = evaluate(trainer, "Before training")
-    with explain_out_of_memory("training", f"lower --micro-batch-size (this run: {plan.micro_batch}) or --max-length, "
-                               f"or turn on --gradient-checkpointing; the checkpoints of finished epochs stay in "
-                               f"{checkpoints}: continue with --resume"):
-        history, run_info = train(trainer, cfg.resume, runtime.device)
-    after = history[-1]  # the last epoch's evaluation is of the final model
-    log.info("After training: accuracy %.4f, F1 %.4f", after["accuracy"], after["f1"])
-    metrics = {"before": before, "after": after, "history": history, "label_names": label_names,
-               "model": model_info, "training": run_info, "batches": plan._asdict(), "precision": runtime.precision,
-               "processes": runtime.num_processes, "device": device_name(runtime), "config": asdict(cfg),
-               "versions": versions()}
-    if not runtime.is_main:  # the main process saves and draws for all
-        return metrics
-    model_dir = os.path.join(cfg.output_dir, "model")
-    save(model, tokenizer, metrics, model_dir)  # before the charts, so a plotting failure cannot lose it
-    shutil.rmtree(checkpoints)  # the saved model supersedes them
-    _CLASSIFIERS[_TRAINED] = _CLASSIFIERS[os.path.abspath(model_dir)] = make_classifier(
-        model, tokenizer, label_names, cfg.max_length, cfg.truncation, runtime, plan.eval_batch)
+        runtime = decide_runtime(cfg.precision)
+        check_report_to(cfg.report_to)
+        checkpoints = prepare_output_dir(cfg, runtime)
+        set_seed(cfg.seed)  # before the model: the new head and the LoRA matrices start from it
+        model, tokenizer, model_info = build_model(cfg, data.label_names, runtime)
+        plan = choose_batches(cfg, model, runtime)
+        train_ds = tokenize(data.train, tokenizer, cfg.max_length, cfg.truncation)
+        test_ds = tokenize(data.test, tokenizer, cfg.max_length, cfg.truncation, sort_by_length=True)
+        validation_ds = (tokenize(data.validation, tokenizer, cfg.max_length, cfg.truncation, sort_by_length=True)
+                         if data.validation else None)
+        weights = (balanced_class_weights(data.train["labels"], data.label_names)
+                   if cfg.class_weights == "balanced" else None)
+        trainer = make_trainer(model, tokenizer, train_ds, validation_ds or test_ds, cfg, runtime, plan, checkpoints,
+                               class_weights=weights)
+        before = evaluate(trainer, test_ds, data.label_names, "Before training")
+        metrics = {"before": before}
+        if validation_ds:  # where the per-epoch line starts
+            metrics["validation_before"] = evaluate(trainer, validation_ds, data.label_names,
+                                                    "Validation before training")
+        with explain_out_of_memory("training", f"lower --micro-batch-size (this run: {plan.micro_batch}) or "
+                                   "--max-length, or turn on --gradient-checkpointing; the checkpoints of finished "
+                                   f"epochs stay in {checkpoints}: continue with --resume"):
+            history, run_info = train(trainer, cfg.resume, runtime.device)
+        after = evaluate(trainer, test_ds, data.label_names, "After training")  # the best epoch's model, if kept
+        metrics.update(after=after, history=history, label_names=data.label_names, model=model_info,
+                       training=run_info, batches=plan._asdict(), precision=runtime.precision,
+                       processes=runtime.num_processes, device=device_name(runtime), config=asdict(cfg),
+                       versions=versions())
+        if not runtime.is_main:  # the main process saves and draws for all
+            return metrics
+        model_dir = os.path.join(cfg.output_dir, "model")
+        save(model, tokenizer, metrics, model_dir)  # before the charts, so a plotting failure cannot lose it
+        shutil.rmtree(checkpoints)  # the saved model supersedes them
+        _CLASSIFIERS[_TRAINED] = _CLASSIFIERS[os.path.abspath(model_dir)] = make_classifier(
+            model, tokenizer, data.label_names, cfg.max_length, cfg.truncation, runtime, plan.eval_batch)
     try:
         plot(metrics, cfg.images_dir)
     except OSError as e:

@@ -30,23 +30,24 @@ def main():
                                    else peft_qlora.logging.WARNING, format="%(message)s")
     runtime = peft_qlora.decide_runtime(cfg.precision)
     set_seed(cfg.seed)
-    train_ds, eval_ds, label_names = peft_qlora.load_data(cfg)
+    data = peft_qlora.load_data(cfg)
     tokenizer = peft_qlora.load_tokenizer(cfg.model)
     model = AutoModelForSequenceClassification.from_pretrained(
-        cfg.model, num_labels=len(label_names), id2label=dict(enumerate(label_names)),
-        label2id={n: i for i, n in enumerate(label_names)}, dtype=torch.float32, device_map={"": runtime.device})
+        cfg.model, num_labels=len(data.label_names), id2label=dict(enumerate(data.label_names)),
+        label2id={n: i for i, n in enumerate(data.label_names)}, dtype=torch.float32, device_map={"": runtime.device})
     model.config.pad_token_id = tokenizer.pad_token_id
     params = sum(p.numel() for p in model.parameters())
     plan = peft_qlora.choose_batches(cfg, model, runtime)
-    train_ds = peft_qlora.tokenize(train_ds, tokenizer, cfg.max_length, cfg.truncation)
-    eval_ds = peft_qlora.tokenize(eval_ds, tokenizer, cfg.max_length, cfg.truncation, sort_by_length=True)
+    train_ds = peft_qlora.tokenize(data.train, tokenizer, cfg.max_length, cfg.truncation)
+    eval_ds = peft_qlora.tokenize(data.test, tokenizer, cfg.max_length, cfg.truncation, sort_by_length=True)
     trainer = peft_qlora.make_trainer(model, tokenizer, train_ds, eval_ds, cfg, runtime, plan,
                                       os.path.join(cfg.output_dir, "checkpoints"),
                                       save_checkpoints=False)  # a comparison run: nothing to resume
-    before = peft_qlora.evaluate(trainer, "Before training")
+    before = peft_qlora.evaluate(trainer, eval_ds, data.label_names, "Before training")
     history, run = peft_qlora.train(trainer, resume=False, device=runtime.device)
-    metrics = {"method": "full fine-tuning", "before": before, "after": history[-1], "history": history,
-               "label_names": label_names, "model": {"trainable_params": params, "total_params": params,
+    after = peft_qlora.evaluate(trainer, eval_ds, data.label_names, "After training")
+    metrics = {"method": "full fine-tuning", "before": before, "after": after, "history": history,
+               "label_names": data.label_names, "model": {"trainable_params": params, "total_params": params,
                                                      "memory_fp32_bytes": 4 * params},
                "training": run, "batches": plan._asdict(), "precision": runtime.precision,
                "processes": runtime.num_processes, "device": peft_qlora.device_name(runtime),

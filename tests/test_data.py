@@ -19,7 +19,7 @@ def write_jsonl(path, rows):
 def test_string_labels_become_sorted_class_names(tmp_path):
     rows = [{"review": f"text {i}", "sentiment": s} for i, s in enumerate(["positive", "negative"] * 5)]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    train, evaluation, names = peft_qlora.load_data(config(
+    train, _, evaluation, names = peft_qlora.load_data(config(
         "--train-file", path, "--eval-file", path, "--text-column", "review", "--label-column", "sentiment",
         "--train-size", "all", "--eval-size", "4"))
     assert names == ["negative", "positive"]
@@ -32,9 +32,9 @@ def test_integer_labels_get_imdb_names_or_the_given_ones(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text("text,label\n" + "".join(f"t{i},{i % 3}\n" for i in range(9)))
     args = ["--train-file", str(path), "--eval-file", str(path), "--train-size", "all", "--eval-size", "all"]
-    assert peft_qlora.load_data(config(*args))[2] == ["0", "1", "2"]
-    assert peft_qlora.load_data(config(*args, "--label-names", "x", "y", "z"))[2] == ["x", "y", "z"]
-    assert peft_qlora.load_data(config(*args, "--train-size", "2", "--eval-size", "2"))[2] == ["0", "1", "2"]
+    assert peft_qlora.load_data(config(*args)).label_names == ["0", "1", "2"]
+    assert peft_qlora.load_data(config(*args, "--label-names", "x", "y", "z")).label_names == ["x", "y", "z"]
+    assert peft_qlora.load_data(config(*args, "--train-size", "2", "--eval-size", "2")).label_names == ["0", "1", "2"]
 
     binary = tmp_path / "b.parquet"
     import pyarrow as pa
@@ -42,7 +42,7 @@ def test_integer_labels_get_imdb_names_or_the_given_ones(tmp_path):
 
     pq.write_table(pa.table({"text": ["a", "b", "c", "d"], "label": [0, 1, 1, 0]}), binary)
     names = peft_qlora.load_data(config("--train-file", str(binary), "--eval-file", str(binary),
-                                        "--train-size", "all", "--eval-size", "all"))[2]
+                                        "--train-size", "all", "--eval-size", "all")).label_names
     assert names == ["neg", "pos"]
 
 
@@ -51,7 +51,7 @@ def test_a_local_dataset_folder_goes_through_the_hub_loader(tmp_path, data_files
 
     shutil.copy(data_files["train"], tmp_path / "train.parquet")
     shutil.copy(data_files["test"], tmp_path / "test.parquet")
-    train, evaluation, names = peft_qlora.load_data(config("--dataset", str(tmp_path), "--train-size", "20",
+    train, _, evaluation, names = peft_qlora.load_data(config("--dataset", str(tmp_path), "--train-size", "20",
                                                            "--eval-size", "all"))
     assert (len(train), len(evaluation), names) == (20, 32, ["neg", "pos"])
 
@@ -61,12 +61,12 @@ def test_subsets_are_balanced_and_reproducible(tmp_path):
     # 90 of class 0 and 30 of class 1: a balanced draw of 40 takes 20 of each.
     path.write_text("text,label\n" + "".join(f"t{i},{int(i % 4 == 0)}\n" for i in range(120)))
     args = ["--train-file", str(path), "--eval-file", str(path), "--train-size", "40", "--eval-size", "70"]
-    train, evaluation, _ = peft_qlora.load_data(config(*args))
+    train, _, evaluation, _ = peft_qlora.load_data(config(*args))
     assert Counter(train["labels"]) == {0: 20, 1: 20}
     assert Counter(evaluation["labels"]) == {0: 40, 1: 30}  # class 1 runs out; class 0 fills the rest
     assert len(set(train["text"])) == 40
-    again, _, _ = peft_qlora.load_data(config(*args))
-    other, _, _ = peft_qlora.load_data(config(*args, "--seed", "7"))
+    again = peft_qlora.load_data(config(*args)).train
+    other = peft_qlora.load_data(config(*args, "--seed", "7")).train
     assert again["text"] == train["text"] and other["text"] != train["text"]
 
 
