@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import itertools
 import json
 import logging
 import os
@@ -217,7 +218,8 @@ DEFAULT_EVAL_BATCH = 256  # no gradients, so larger than training's; more was sl
 def parse_args(argv: list[str] | None) -> Config:
     parser = argparse.ArgumentParser(
         description="Fine-tune a transformer for text classification with QLoRA. "
-                    "'peft_qlora.py predict TEXT ...' classifies texts with the saved model.",
+                    "'peft_qlora.py predict TEXT ...' (or --file) classifies texts with the saved model; "
+                    "'peft_qlora.py export --merged OUT' writes it as a plain transformers model.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(Config):
         kwargs = dict(f.metadata)
@@ -236,13 +238,48 @@ def parse_args(argv: list[str] | None) -> Config:
 
 def parse_predict_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="peft_qlora.py predict",
-                                     description="Classify texts with a saved model; prints JSON.",
+                                     description="Classify texts with a saved model: prints JSON, or with --file "
+                                                 "writes each row of a file with its prediction to --output.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("texts", nargs="+", help="texts to classify")
+    parser.add_argument("texts", nargs="*", help="texts to classify")
+    parser.add_argument("--file", help="csv, json/jsonl or parquet file whose rows to classify (read in chunks)")
+    parser.add_argument("--text-column", default="text", help="--file's column holding the texts")
+    parser.add_argument("--output", help="where --file's rows go, in order, each with the predicted label and one "
+                                         "probability column per class: csv, json/jsonl (JSON lines) or parquet")
     parser.add_argument("--model-dir", default=DEFAULT_MODEL_DIR, help="folder a training run saved")
     parser.add_argument("--batch-size", type=_auto_int, default="auto",
                         help="texts per batch; auto: the evaluation batch the training run chose")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if bool(args.texts) == bool(args.file):
+        parser.error("give the texts to classify, or --file with --output, not both" if args.texts else
+                     "give the texts to classify, or --file FILE --output OUT")
+    if args.file:
+        for flag, path in (("--file", args.file), ("--output", args.output)):
+            if not path:
+                parser.error("--file needs --output: where the rows with their predictions go")
+            if file_builder(path) is None:
+                parser.error(f"{flag} {path}: unknown file type; use .csv, .json, .jsonl or .parquet")
+        if not os.path.isfile(args.file):
+            parser.error(f"--file {args.file}: no such file")
+        if os.path.exists(args.output):
+            parser.error(f"--output {args.output} exists: choose another name, or remove it first")
+    elif args.output:
+        parser.error("--output goes with --file")
+    return args
+
+
+def parse_export_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="peft_qlora.py export",
+                                     description="Write a trained model as a plain transformers model in 16 bits "
+                                                 "(LoRA merged into the dequantized base, the trained head, the label "
+                                                 "names), which transformers.pipeline loads without peft or "
+                                                 "bitsandbytes.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--merged", required=True, metavar="OUT", help="the folder to write (must not exist)")
+    parser.add_argument("--model-dir", default=DEFAULT_MODEL_DIR, help="folder a training run saved")
+    args = parser.parse_args(argv)
+    if os.path.exists(args.merged):
+        parser.error(f"--merged {args.merged} exists: choose another folder, or remove it first")
+    return args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -930,7 +967,7 @@ def make_trainer(model, tokenizer, train_ds, eval_ds, cfg: Config, runtime: Runt
     collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=runtime.pad_multiple)
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
                       processing_class=tokenizer, compute_metrics=compute_metrics, callbacks=callbacks,
-                      compute_loss_func=weighted_loss(class_weights) if class_weights else None)
+                      compute_loss_func=weighted_loss(class_weights, model) if class_weights else None)
     trainer.remove_callback(ProgressCallback)  # for one that prints less
     trainer.add_callback(epoch_progress())
     return trainer
@@ -949,32 +986,37 @@ def epoch_progress():
         def on_log(self, args, state, control, logs=None, **kwargs):
             if state.is_world_process_zero and self.training_bar is not None and "eval_accuracy" in logs:
                 self.training_bar.write(f"Epoch {round(logs['epoch'])}: accuracy {logs['eval_accuracy']:.4f}, "
-                                        f"F1 {logs['eval_f1']:.4f}, loss {logs['eval_loss']:.4f}")
+                                        f"F1 {logs['eval_f1']:.4f}, loss {logs['eval_loss']:.4f}",
+                                        file=self.training_bar.fp)  # with the bar and the log, not on stdout
 
     return EpochProgress()
 
 
 def balanced_class_weights(labels: list[int], label_names: list[str]) -> list[float]:
     """Each class's weight, the inverse of its share of the training texts (scikit-learn's "balanced")."""
+    import numpy as np
     from sklearn.utils.class_weight import compute_class_weight
 
     absent = [name for i, name in enumerate(label_names) if i not in set(labels)]
     if absent:
         raise UserError(f"--class-weights balanced: the training texts have no {', '.join(absent)}, so it cannot be "
                         "weighed; train on texts of every class")
-    weights = compute_class_weight("balanced", classes=list(range(len(label_names))), y=labels)
+    weights = compute_class_weight("balanced", classes=np.arange(len(label_names)), y=labels)
     log.info("Class weights: %s", ", ".join(f"{name} {w:.2f}" for name, w in zip(label_names, weights)))
     return weights.tolist()
 
 
-def weighted_loss(weights: list[float]):
-    """The Trainer's loss hook (compute_loss_func): cross-entropy with each class weighted, summed and divided by
-    the texts of the whole optimizer step, as the Trainer expects of the hook under gradient accumulation
-    (balanced weights average 1 over the training texts, so this is the weighted mean)."""
+def weighted_loss(weights: list[float], model):
+    """The Trainer's loss hook (compute_loss_func): while the model trains, cross-entropy with each class weighted,
+    summed and divided by the texts of the whole optimizer step, as the Trainer expects of the hook under gradient
+    accumulation (balanced weights average 1 over the training texts, so this is their weighted mean); while it is
+    evaluated, the plain mean, so that evaluation losses compare across runs."""
     def loss(outputs, labels, num_items_in_batch=None):
         import torch
 
         logits = outputs.logits.float()
+        if not model.training:
+            return torch.nn.functional.cross_entropy(logits, labels)
         summed = torch.nn.functional.cross_entropy(logits, labels, reduction="sum",
                                                    weight=torch.tensor(weights, device=logits.device))
         return summed / (labels.numel() if num_items_in_batch is None else num_items_in_batch)
@@ -1220,8 +1262,12 @@ def make_classifier(model, tokenizer, label_names: list[str], max_length: int, t
     return Classifier(model, tokenizer, label_names, max_length, truncation, runtime, batch_size)
 
 
-def load_classifier(model_dir: str) -> Classifier:
-    """A saved model, reloaded as it was trained: the same 4-bit base, head size, label names and padding."""
+def load_trained(model_dir: str, dequantized: bool = False):
+    """A saved model, reloaded as it was trained: the same 4-bit base, head size, label names and padding; with
+    dequantized=True its base turned into plain nn.Linear layers holding the same weights before the adapter goes
+    on (peft merges LoRA only into those). Returns (the peft model, its tokenizer, the run's metrics.json, the
+    runtime)."""
+    import torch
     from peft import PeftConfig, PeftModel
 
     metrics_file = os.path.join(model_dir, "metrics.json")
@@ -1230,14 +1276,22 @@ def load_classifier(model_dir: str) -> Classifier:
                         "(or point model_dir / --model-dir at the folder a run saved)")
     with open(metrics_file) as f:
         saved = json.load(f)
-    with quiet_transformers():  # a notebook's predict() prints nothing it did not ask for
-        runtime = decide_runtime("auto")
-        base = load_base_model(PeftConfig.from_pretrained(model_dir).base_model_name_or_path, saved["label_names"],
-                               runtime)
-        tokenizer = load_tokenizer(model_dir)  # as saved: with the padding token training chose
-        base.config.pad_token_id = tokenizer.pad_token_id
-        model = PeftModel.from_pretrained(base, model_dir)  # the adapter, and the trained head over the fp32 copy
+    runtime = decide_runtime("auto")
+    base = load_base_model(PeftConfig.from_pretrained(model_dir).base_model_name_or_path, saved["label_names"],
+                           runtime)
+    if dequantized:
+        base.dequantize(dtype=torch.float32)  # exact: fp32 holds every NF4 value
+    tokenizer = load_tokenizer(model_dir)  # as saved: with the padding token training chose
+    base.config.pad_token_id = tokenizer.pad_token_id
+    model = PeftModel.from_pretrained(base, model_dir)  # the adapter, and the trained head over the fp32 copy
+    if not dequantized:
         prepare_4bit_layers(model)
+    return model, tokenizer, saved, runtime
+
+
+def load_classifier(model_dir: str) -> Classifier:
+    with quiet_transformers():  # a notebook's predict() prints nothing it did not ask for
+        model, tokenizer, saved, runtime = load_trained(model_dir)
         return make_classifier(model, tokenizer, saved["label_names"], saved["config"]["max_length"],
                                saved["config"]["truncation"], runtime,
                                saved.get("batches", {}).get("eval_batch", DEFAULT_EVAL_BATCH))
@@ -1291,13 +1345,7 @@ def predict(texts: str | list[str], model_dir: str | None = None, batch_size: in
     not_text = [t for t in items if not isinstance(t, str)]
     if not_text:
         raise UserError(f"predict() takes strings; got {type(not_text[0]).__name__} {not_text[0]!r}")
-    if model_dir is None and _TRAINED in _CLASSIFIERS:
-        classifier = _CLASSIFIERS[_TRAINED]
-    else:
-        key = os.path.abspath(model_dir or DEFAULT_MODEL_DIR)
-        if key not in _CLASSIFIERS:
-            _CLASSIFIERS[key] = load_classifier(key)
-        classifier = _CLASSIFIERS[key]
+    classifier = classifier_for(model_dir)
     results = []
     for text, probs in zip(items, classify(classifier, items, batch_size)):
         result = {"text": text}
@@ -1305,6 +1353,149 @@ def predict(texts: str | list[str], model_dir: str | None = None, batch_size: in
         result["label"] = classifier.label_names[max(range(len(probs)), key=probs.__getitem__)]
         results.append(result)
     return results[0] if single else results
+
+
+def classifier_for(model_dir: str | None) -> Classifier:
+    """The model trained in this process if model_dir is not given and there is one, else the one saved in
+    model_dir (default outputs/imdb_qlora/model), loaded once and kept."""
+    if model_dir is None and _TRAINED in _CLASSIFIERS:
+        return _CLASSIFIERS[_TRAINED]
+    key = os.path.abspath(model_dir or DEFAULT_MODEL_DIR)
+    if key not in _CLASSIFIERS:
+        _CLASSIFIERS[key] = load_classifier(key)
+    return _CLASSIFIERS[key]
+
+
+PREDICT_CHUNK = 10_000  # rows read, classified and written at a time: the memory a file of any length takes
+
+
+def predict_file(path: str, output: str, text_column: str = "text", model_dir: str | None = None,
+                 batch_size: int | None = None, chunk_rows: int = PREDICT_CHUNK) -> int:
+    """Classifies every row of a csv, json/jsonl or parquet file into `output` (csv, JSON lines or parquet), in
+    order, each row with its columns, the predicted label and each class's probability. Reads, classifies and
+    writes chunk_rows rows at a time; `output` appears whole or not at all. Returns the number of rows."""
+    import pyarrow as pa
+    from tqdm.auto import tqdm
+
+    chunks = read_chunks(path, chunk_rows)
+    first = next(chunks, None)  # the file's columns are checked before the model loads
+    if first is not None and text_column not in first:
+        raise UserError(f"--file {path} has no column {text_column!r} (its columns: {', '.join(first)}); name the "
+                        "right one with --text-column")
+    classifier = classifier_for(model_dir)
+    added = ["predicted_label", *(f"{name}_prob" for name in classifier.label_names)]
+    staging = os.path.join(os.path.dirname(os.path.abspath(output)), f".{os.path.basename(output)}.partial")
+    done = 0
+    try:
+        with (TableWriter(staging, file_builder(output)) as writer,
+              tqdm(total=count_rows(path), unit=" rows", desc="Predicting") as bar):
+            for chunk in itertools.chain([first] if first else [], chunks):
+                taken = [c for c in added if c in chunk]
+                if taken:
+                    raise UserError(f"--file {path} already has a column {taken[0]!r}, which the predictions add")
+                texts = chunk[text_column]
+                bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+                if bad is not None:
+                    raise UserError(f"--file {path}: row {done + bad} holds no text in {text_column!r} "
+                                    f"({texts[bad]!r}); fill it in or drop the row")
+                probabilities = classify(classifier, texts, batch_size)
+                table = pa.table(chunk).append_column(added[0], pa.array(
+                    [classifier.label_names[max(range(len(p)), key=p.__getitem__)] for p in probabilities]))
+                for i, column in enumerate(added[1:]):
+                    table = table.append_column(column, pa.array([p[i] for p in probabilities], pa.float64()))
+                writer.write(table)
+                done += len(texts)
+                bar.update(len(texts))
+        os.replace(staging, output)
+    finally:
+        if os.path.exists(staging):
+            os.remove(staging)
+    log.info("Wrote %d rows with their predictions to %s", done, output)
+    return done
+
+
+def read_chunks(path: str, size: int):
+    """The rows of a data file, `size` at a time, each chunk a dict of columns; datasets streams the file."""
+    from datasets import load_dataset
+
+    builder, chunks = file_builder(path), None
+    while True:
+        try:
+            if chunks is None:
+                chunks = iter(load_dataset(builder, data_files=path, split="train", streaming=True).iter(size))
+            chunk = next(chunks)
+        except StopIteration:
+            return
+        except Exception as e:  # datasets, pandas and pyarrow each raise their own kind
+            raise UserError(f"--file {path}: cannot read it as {builder} ({type(e).__name__}: {e})") from e
+        yield chunk
+
+
+def count_rows(path: str) -> int | None:
+    """A parquet file's rows, from its footer (the progress bar's total); None for other kinds."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path).metadata.num_rows if file_builder(path) == "parquet" else None
+    except Exception:  # unreadable: read_chunks says why
+        return None
+
+
+class TableWriter:
+    """Writes pyarrow tables one after another into one file of this kind (a file_builder name): csv, JSON lines
+    or parquet (pyarrow's own csv and parquet writers; pandas for JSON lines). Each table has the first's columns."""
+
+    def __init__(self, path: str, kind: str):
+        self.kind, self.file, self.writer, self.schema = kind, open(path, "wb"), None, None
+
+    def write(self, table) -> None:
+        import pyarrow.csv
+        import pyarrow.parquet as pq
+
+        if self.kind == "json":
+            self.file.write(table.to_pandas().to_json(orient="records", lines=True, force_ascii=False).encode())
+            return
+        if self.writer is None:
+            make = pq.ParquetWriter if self.kind == "parquet" else pyarrow.csv.CSVWriter
+            self.writer, self.schema = make(self.file, table.schema), table.schema
+        self.writer.write_table(table.cast(self.schema))  # a later chunk may infer another type (nulls only)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.file.close()
+
+
+def export_merged(model_dir: str, out: str) -> str:
+    """The trained model as a plain transformers model in 16 bits: the 4-bit base dequantized (the weights the
+    model was trained and evaluated with, not the original checkpoint's), the LoRA weights merged into it, the
+    trained head, the label names and padding. transformers.pipeline("text-classification", model=out) loads
+    it without peft or bitsandbytes; it truncates texts at their head, where predict() keeps head+tail."""
+    import torch
+
+    with quiet_transformers():
+        model, tokenizer, saved, _ = load_trained(model_dir, dequantized=True)
+        merged = model.merge_and_unload()  # LoRA into the fp32 weights, the trained head in place of the new one
+        dtype = torch.bfloat16 if saved["precision"] == "bf16" else torch.float16  # fp16 for a T4
+        merged.to(dtype)
+        tokenizer.model_max_length = saved["config"]["max_length"]  # where the pipeline truncates
+        staging = tempfile.mkdtemp(prefix=".merged-", dir=os.path.dirname(os.path.abspath(out)))
+        try:
+            merged.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            os.rename(staging, out)
+        except BaseException:
+            shutil.rmtree(staging)
+            raise
+    log.info("Wrote %s: %s in %s with LoRA merged, labels %s", out, type(merged).__name__, str(dtype)[6:],
+             saved["label_names"])
+    if saved["config"]["truncation"] != "head":
+        log.info("pipeline(..., truncation=True) keeps the first %d tokens of a longer text; this model was trained "
+                 "on their %s", saved["config"]["max_length"], saved["config"]["truncation"])
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1397,10 +1588,18 @@ def main(argv: list[str] | None = None) -> int:
     # One process speaks for a multi-process run (torchrun and accelerate launch set RANK); the others warn only
     logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
                         format="%(message)s")
+    # matplotlib's "building the font cache" (once per machine, when that takes over 5 s) is not for our users
+    logging.getLogger("matplotlib").setLevel(logging.ERROR)
     try:
         if argv[:1] == ["predict"]:
             args = parse_predict_args(argv[1:])
-            print(json.dumps(predict(args.texts, args.model_dir, args.batch_size), indent=2))
+            if args.file:
+                predict_file(args.file, args.output, args.text_column, args.model_dir, args.batch_size)
+            else:
+                print(json.dumps(predict(args.texts, args.model_dir, args.batch_size), indent=2))
+        elif argv[:1] == ["export"]:
+            args = parse_export_args(argv[1:])
+            export_merged(args.model_dir, args.merged)
         else:
             run(parse_args(argv))
     except UserError as e:

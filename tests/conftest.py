@@ -122,3 +122,12 @@ def train_args(model, data_files, out, *extra):
             "--train-size", "all", "--eval-size", "all", "--max-length", "64", "--epochs", "2",
             "--batch-size", "8", "--learning-rate", "1e-3", "--output-dir", str(out),
             "--images-dir", str(out / "images"), *extra]
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_bert, data_files, tmp_path_factory):
+    """One training run through the command line, shared by the tests that read or serve what it saved."""
+    out = tmp_path_factory.mktemp("run")
+    result = run_cli(*train_args(tiny_bert, data_files, out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result

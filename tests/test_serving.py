@@ -1,0 +1,126 @@
+"""Serving a trained model: a notebook's predict() loads it quietly, `predict --file` classifies a whole file in
+chunks, and `export --merged` writes a model transformers' pipeline serves without peft or bitsandbytes."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import peft_qlora
+from conftest import DATA, ROOT, imdb_sample, run_cli, train_args
+
+TEXTS = ["An absolute delight from start to finish.", "Dull, slow and far too long.", "Fine.",
+         *imdb_sample("test", 9)[0]]
+
+
+def python(code, *args):
+    """Python code in a fresh process, as a notebook would run it."""
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+
+
+def test_a_notebook_predict_prints_nothing_but_its_answer(trained):
+    result = python("import sys, json; from peft_qlora import predict; "
+                    "print(json.dumps(predict(sys.argv[1], model_dir=sys.argv[2])))", "A fine film.",
+                    trained[0] / "model")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout)["text"] == "A fine film."
+    assert result.stderr == "", "no load report, warning or progress bar"
+
+
+@pytest.mark.parametrize("source, output", [("csv", "jsonl"), ("jsonl", "parquet"), ("parquet", "csv")])
+def test_predict_file_keeps_every_row_in_order_with_its_prediction(source, output, trained, tmp_path):
+    import pandas as pd
+
+    rows = pd.read_parquet(os.path.join(DATA, "imdb_test.parquet")).head(40)
+    rows = rows.rename(columns={"text": "review"}).assign(id=range(40))
+    path = tmp_path / f"in.{source}"
+    {"csv": lambda: rows.to_csv(path, index=False), "jsonl": lambda: rows.to_json(path, orient="records", lines=True),
+     "parquet": lambda: rows.to_parquet(path)}[source]()
+    out = tmp_path / f"out.{output}"
+    result = run_cli("predict", "--model-dir", trained[0] / "model", "--file", path, "--text-column", "review",
+                     "--output", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = {"csv": pd.read_csv, "jsonl": lambda p: pd.read_json(p, lines=True), "parquet": pd.read_parquet}[output](out)
+    assert list(got.columns) == ["review", "label", "id", "predicted_label", "neg_prob", "pos_prob"]
+    assert got["id"].tolist() == list(range(40)) and got["review"].tolist() == rows["review"].tolist()
+    expected = peft_qlora.predict(rows["review"].tolist(), model_dir=str(trained[0] / "model"))
+    assert got["predicted_label"].tolist() == [r["label"] for r in expected]
+    assert got["pos_prob"].tolist() == pytest.approx([r["pos_prob"] for r in expected], abs=1e-6)
+    assert "Predicting" in result.stderr and f"Wrote 40 rows with their predictions to {out}" in result.stderr
+
+
+def test_predict_file_streams_in_chunks_to_the_same_rows(trained, tmp_path):
+    """A million rows must not be held at once: chunks of 7 rows give what one chunk gives."""
+    import pandas as pd
+
+    source = os.path.join(DATA, "imdb_test.parquet")
+    whole, chunked = tmp_path / "whole.parquet", tmp_path / "chunked.parquet"
+    model_dir = str(trained[0] / "model")
+    assert peft_qlora.predict_file(source, str(whole), model_dir=model_dir) == 256
+    assert peft_qlora.predict_file(source, str(chunked), model_dir=model_dir, chunk_rows=7) == 256
+    pd.testing.assert_frame_equal(pd.read_parquet(whole), pd.read_parquet(chunked))
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("case", ["missing column", "unreadable file", "output exists", "no output", "both",
+                                  "unknown output type", "a row without text"])
+def test_predict_file_errors_say_what_to_fix(case, trained, tmp_path):
+    good = write(tmp_path / "good.csv", "text,label\nfine,1\nbad,0\n")
+    args, expected = {
+        "missing column": (["--file", good, "--text-column", "review", "--output", tmp_path / "o.csv"],
+                           "has no column 'review' (its columns: text, label)"),
+        "unreadable file": (["--file", write(tmp_path / "x.parquet", "not parquet"), "--output", tmp_path / "o.csv"],
+                            "cannot read it as parquet"),
+        "output exists": (["--file", good, "--output", good], "exists: choose another name"),
+        "no output": (["--file", good], "--file needs --output"),
+        "both": (["some text", "--file", good, "--output", tmp_path / "o.csv"], "not both"),
+        "unknown output type": (["--file", good, "--output", tmp_path / "o.xlsx"], "unknown file type"),
+        "a row without text": (["--file", write(tmp_path / "gap.csv", "text,label\nfine,1\n,0\n"),
+                                "--output", tmp_path / "o.csv"], "row 1 holds no text"),
+    }[case]
+    result = run_cli("predict", "--model-dir", trained[0] / "model", *args)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert expected in result.stderr
+    assert not (tmp_path / "o.csv").exists() and not any(p.name.endswith(".partial") for p in tmp_path.iterdir())
+
+
+def test_export_merged_serves_through_a_plain_pipeline(tiny_bert, data_files, tmp_path):
+    """Trained keeping each review's head, as the pipeline truncates, so long reviews compare too."""
+    assert peft_qlora.main(train_args(tiny_bert, data_files, tmp_path / "run", "--truncation", "head")) == 0
+    model_dir = tmp_path / "run" / "model"
+    out = tmp_path / "merged"
+    result = run_cli("export", "--merged", out, "--model-dir", model_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    # As where neither peft nor bitsandbytes is installed: importing either fails
+    served = python("import sys, json\n"
+                    "sys.modules['peft'] = sys.modules['bitsandbytes'] = None\n"
+                    "from transformers import pipeline\n"
+                    "classify = pipeline('text-classification', model=sys.argv[1], top_k=None)\n"
+                    "scores = classify(json.loads(sys.argv[2]), truncation=True)\n"
+                    "print(json.dumps([{d['label']: d['score'] for d in r} for r in scores]))\n"
+                    "print(classify.model.dtype)", out, json.dumps(TEXTS))
+    assert served.returncode == 0, served.stderr[-3000:]
+    scores, dtype = served.stdout.strip().split("\n")
+    assert dtype == "torch.float16"
+    expected = peft_qlora.predict(TEXTS, model_dir=str(model_dir))
+    for got, want in zip(json.loads(scores), expected):
+        assert set(got) == {"neg", "pos"}, "the real label names"
+        assert got["pos"] == pytest.approx(want["pos_prob"], abs=1e-3)
+    spread = max(r["pos_prob"] for r in expected) - min(r["pos_prob"] for r in expected)
+    assert spread > 1e-2, "the texts get different probabilities, so matching them means something"
+
+    again = run_cli("export", "--merged", out, "--model-dir", model_dir)
+    assert again.returncode != 0 and "exists" in again.stderr
+
+
+def test_export_without_a_trained_model_says_how_to_train(tmp_path):
+    result = run_cli("export", "--merged", tmp_path / "merged", "--model-dir", tmp_path / "nothing")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "no trained model" in result.stderr and not (tmp_path / "merged").exists()
