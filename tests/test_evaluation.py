@@ -109,7 +109,7 @@ def test_class_weights_need_training_texts_of_every_class(tiny_bert, tmp_path):
     (tmp_path / "train.csv").write_text("text,label\n" + "".join(f"text {i},{i % 2}\n" for i in range(40)))
     (tmp_path / "test.csv").write_text("text,label\na,0\nb,1\nc,2\n")  # a third class, never trained on
     result = run_cli("--model", tiny_bert, "--train-file", tmp_path / "train.csv", "--eval-file",
-                     tmp_path / "test.csv", "--train-size", "all", "--eval-size", "all", "--class-weights",
+                     tmp_path / "test.csv", "--train-size", "all", "--eval-size", "all", "--max-length", "64", "--class-weights",
                      "balanced", "--output-dir", tmp_path / "out")
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "--class-weights balanced: the training texts have no 2" in result.stderr

@@ -29,26 +29,49 @@ def test_a_notebook_predict_prints_nothing_but_its_answer(trained):
     assert result.stderr == "", "no load report, warning or progress bar"
 
 
-@pytest.mark.parametrize("source, output", [("csv", "jsonl"), ("jsonl", "parquet"), ("parquet", "csv")])
-def test_predict_file_keeps_every_row_in_order_with_its_prediction(source, output, trained, tmp_path):
+def reviews_file(folder, kind):
+    """40 committed reviews as a file of this kind, the text under another name and an id column beside it."""
     import pandas as pd
 
     rows = pd.read_parquet(os.path.join(DATA, "imdb_test.parquet")).head(40)
     rows = rows.rename(columns={"text": "review"}).assign(id=range(40))
-    path = tmp_path / f"in.{source}"
+    path = folder / f"in.{kind}"
     {"csv": lambda: rows.to_csv(path, index=False), "jsonl": lambda: rows.to_json(path, orient="records", lines=True),
-     "parquet": lambda: rows.to_parquet(path)}[source]()
-    out = tmp_path / f"out.{output}"
+     "parquet": lambda: rows.to_parquet(path)}[kind]()
+    return path, rows
+
+
+def read_predictions(path):
+    import pandas as pd
+
+    kind = path.suffix[1:]
+    return {"csv": pd.read_csv, "jsonl": lambda p: pd.read_json(p, lines=True), "parquet": pd.read_parquet}[kind](path)
+
+
+def check_predictions(got, rows, model_dir):
+    assert list(got.columns) == ["review", "label", "id", "predicted_label", "neg_prob", "pos_prob"]
+    assert got["id"].tolist() == list(range(40)) and got["review"].tolist() == rows["review"].tolist()
+    expected = peft_qlora.predict(rows["review"].tolist(), model_dir=str(model_dir))
+    assert got["predicted_label"].tolist() == [r["label"] for r in expected]
+    assert got["pos_prob"].tolist() == pytest.approx([r["pos_prob"] for r in expected], abs=1e-6)
+
+
+def test_predict_file_from_the_shell_keeps_every_row_in_order_with_its_prediction(trained, tmp_path):
+    path, rows = reviews_file(tmp_path, "csv")
+    out = tmp_path / "out.jsonl"
     result = run_cli("predict", "--model-dir", trained[0] / "model", "--file", path, "--text-column", "review",
                      "--output", out)
     assert result.returncode == 0, result.stderr[-3000:]
-    got = {"csv": pd.read_csv, "jsonl": lambda p: pd.read_json(p, lines=True), "parquet": pd.read_parquet}[output](out)
-    assert list(got.columns) == ["review", "label", "id", "predicted_label", "neg_prob", "pos_prob"]
-    assert got["id"].tolist() == list(range(40)) and got["review"].tolist() == rows["review"].tolist()
-    expected = peft_qlora.predict(rows["review"].tolist(), model_dir=str(trained[0] / "model"))
-    assert got["predicted_label"].tolist() == [r["label"] for r in expected]
-    assert got["pos_prob"].tolist() == pytest.approx([r["pos_prob"] for r in expected], abs=1e-6)
+    check_predictions(read_predictions(out), rows, trained[0] / "model")
     assert "Predicting" in result.stderr and f"Wrote 40 rows with their predictions to {out}" in result.stderr
+
+
+@pytest.mark.parametrize("source, output", [("jsonl", "parquet"), ("parquet", "csv")])
+def test_predict_file_reads_and_writes_every_kind(source, output, trained, tmp_path):
+    path, rows = reviews_file(tmp_path, source)
+    out = tmp_path / f"out.{output}"
+    assert peft_qlora.predict_file(str(path), str(out), "review", model_dir=str(trained[0] / "model")) == 40
+    check_predictions(read_predictions(out), rows, trained[0] / "model")
 
 
 def test_predict_file_streams_in_chunks_to_the_same_rows(trained, tmp_path):
@@ -112,7 +135,10 @@ def test_export_merged_serves_through_a_plain_pipeline(tiny_bert, data_files, tm
     expected = peft_qlora.predict(TEXTS, model_dir=str(model_dir))
     for got, want in zip(json.loads(scores), expected):
         assert set(got) == {"neg", "pos"}, "the real label names"
-        assert got["pos"] == pytest.approx(want["pos_prob"], abs=1e-3)
+        # fp16 rounds each weight by up to 1 part in 2,048; this random model's weights are ten times a real one's
+        # (so that texts get distinct scores), which moved probabilities by up to 1.3e-3 over three seeds. Real
+        # weights are held to 1e-3: tests/test_real_weights.py
+        assert got["pos"] == pytest.approx(want["pos_prob"], abs=3e-3)
     spread = max(r["pos_prob"] for r in expected) - min(r["pos_prob"] for r in expected)
     assert spread > 1e-2, "the texts get different probabilities, so matching them means something"
 
