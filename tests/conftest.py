@@ -5,6 +5,9 @@ import sys
 
 import pytest
 
+# No hub here: tests that call the script in this process fail fast rather than wait on the network (set before any
+# Hugging Face library is imported, which reads it once)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data")
 SCRIPT = os.path.join(ROOT, "peft_qlora.py")
@@ -16,6 +19,17 @@ def run_cli(*args, cwd=ROOT, timeout=600):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, SCRIPT, *map(str, args)], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def run_main(args, capsys, caplog):
+    """peft_qlora.main in this process, as the command line calls it: (exit status, what it said on stderr)."""
+    import peft_qlora
+
+    try:
+        status = peft_qlora.main([str(a) for a in args])
+    except SystemExit as e:  # argparse's own errors exit with status 2
+        status = e.code
+    return status, capsys.readouterr().err + caplog.text
 
 
 def imdb_sample(split, n):

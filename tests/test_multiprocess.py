@@ -17,11 +17,10 @@ LAUNCHERS = {  # as a user types them, with this interpreter's modules
 }
 
 
-@pytest.mark.parametrize("launcher", LAUNCHERS)
-def test_two_processes_split_the_data_and_save_one_model_that_predicts(launcher, tiny_bert, data_files, tmp_path):
+def test_two_processes_split_the_data_and_save_one_model_that_predicts(tiny_bert, data_files, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, *LAUNCHERS[launcher], SCRIPT,
+    result = subprocess.run([sys.executable, *LAUNCHERS["torchrun"], SCRIPT,
                              *map(str, train_args(tiny_bert, data_files, out))],
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-5000:]
@@ -39,8 +38,9 @@ def test_two_processes_split_the_data_and_save_one_model_that_predicts(launcher,
 
 
 def test_an_interrupted_two_process_run_resumes_to_its_end(tiny_bert, tmp_path):
-    """Killed after its first epoch's checkpoint, as a lost machine would be; --resume with the same launcher
-    finishes it, and a resume with another number of processes is refused (a step would see other texts)."""
+    """Started by accelerate launch, killed after its first epoch's checkpoint as a lost machine would be, resumed
+    by torchrun with as many processes; a resume with another number of processes is refused (a step would see
+    other texts)."""
     import signal
     import time
 
@@ -52,10 +52,11 @@ def test_an_interrupted_two_process_run_resumes_to_its_end(tiny_bert, tmp_path):
     args = train_args(tiny_bert, {"train": os.path.join(DATA, "imdb_train.parquet"),
                                   "test": os.path.join(DATA, "imdb_test.parquet")}, out)
     args += ["--epochs", "3", "--eval-size", "64"]  # 512 texts: 32 steps an epoch in each of two processes
-    command = [sys.executable, *LAUNCHERS["torchrun"], SCRIPT, *map(str, args)]
+    command = {launcher: [sys.executable, *LAUNCHERS[launcher], SCRIPT, *map(str, args)] for launcher in LAUNCHERS}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     first = out / "checkpoints" / "checkpoint-32" / "trainer_state.json"  # written last in a checkpoint
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(command["accelerate launch"], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not first.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -68,7 +69,8 @@ def test_an_interrupted_two_process_run_resumes_to_its_end(tiny_bert, tmp_path):
     alone = run_cli(*args, "--resume")
     assert alone.returncode == 1 and "differ from the interrupted run's: processes" in alone.stderr
 
-    resumed = subprocess.run(command + ["--resume"], env=env, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(command["torchrun"] + ["--resume"], env=env, capture_output=True, text=True,
+                             timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-5000:]
     metrics = json.loads((out / "model" / "metrics.json").read_text())
     assert metrics["training"]["resumed"] and metrics["processes"] == 2
