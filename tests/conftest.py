@@ -138,10 +138,14 @@ def train_args(model, data_files, out, *extra):
             "--images-dir", str(out / "images"), *extra]
 
 
-@pytest.fixture(scope="session")
-def trained(tiny_bert, data_files, tmp_path_factory):
-    """One training run through the command line, shared by the tests that read or serve what it saved."""
-    out = tmp_path_factory.mktemp("run")
-    result = run_cli(*train_args(tiny_bert, data_files, out))
+def train_through_cli(model, data_files, out):
+    """A quick training run through the real command line: (its output folder, the finished process)."""
+    result = run_cli(*train_args(model, data_files, out))
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_bert, data_files, tmp_path_factory):
+    """The tiny BERT trained once, shared by the tests that read or serve what the run saved."""
+    return train_through_cli(tiny_bert, data_files, tmp_path_factory.mktemp("run"))

@@ -5,7 +5,7 @@ import json
 import pytest
 
 import peft_qlora
-from conftest import cpu_runtime, imdb_sample, run_cli, train_args
+from conftest import cpu_runtime, imdb_sample, run_cli, train_args, train_through_cli
 
 # Of very different lengths, so that batched together the short ones are padded
 TEXTS = ["Superb.", "Dull, slow and far too long; I left before the end and do not regret it at all.", "Fine",
@@ -15,10 +15,7 @@ LLAMA_LINEAR = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj
 
 @pytest.fixture(scope="module")
 def trained_decoder(tiny_llama, data_files, tmp_path_factory):
-    out = tmp_path_factory.mktemp("decoder-run")
-    result = run_cli(*train_args(tiny_llama, data_files, out))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out, result
+    return train_through_cli(tiny_llama, data_files, tmp_path_factory.mktemp("decoder-run"))
 
 
 def test_a_decoder_without_padding_token_trains_and_saves_one(trained_decoder, tiny_llama):
