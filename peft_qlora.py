@@ -12,6 +12,8 @@ Encoders (BERT, RoBERTa, DistilBERT) and decoder LLMs (Llama, Mistral, Qwen, Gem
     python peft_qlora.py --model path/to/model --train-file train.parquet --eval-file test.parquet
     torchrun --nproc_per_node 2 peft_qlora.py ...           # several GPUs (or: accelerate launch peft_qlora.py)
     python peft_qlora.py predict "A wonderful film." "Two hours I will never get back."
+    python peft_qlora.py predict --file reviews.csv --output predictions.csv   # a whole file
+    python peft_qlora.py export --merged outputs/merged     # a plain transformers model, LoRA merged
     python peft_qlora.py --help                             # every setting
 
 From Python, in a notebook:
@@ -1243,9 +1245,9 @@ def make_classifier(model, tokenizer, label_names: list[str], max_length: int, t
     """A trained model made ready to serve: in evaluation mode and, where it fits, dequantized once.
 
     bitsandbytes turns each 4-bit weight back into the compute dtype at every call, then multiplies in that
-    dtype. Doing it once gives the same probabilities, bit for bit, and 1.5-1.8x the prediction speed
-    (benchmarks/NOTES.md). It is done only while the 16-bit copy takes at most a quarter of the free memory:
-    a model too large for that, which is what 4 bits are for, is served in 4 bits."""
+    dtype. Doing it once gives the same probabilities, bit for bit, faster (benchmarks/NOTES.md). It is done
+    only while the 16-bit copy takes at most a quarter of the memory the process may still use: a model too
+    large for that, which is what 4 bits are for, is served in 4 bits."""
     import bitsandbytes as bnb
     import psutil  # installed with accelerate
     import torch
