@@ -2,7 +2,8 @@
 
 Times a plain loop of steps with an all-ones, a padded and no attention mask, then with a new sequence
 length every step, then the Trainer on constant-length data, and prints two torch.profiler tables (by GPU
-time and by CPU time) for one Trainer epoch. The figures quoted in benchmarks/NOTES.md came from this.
+time and by CPU time) for one Trainer epoch. The figures quoted in benchmarks/NOTES.md came from this script as
+it was then; it has since moved to the runtime and make_trainer's parameters and has not run on a GPU again.
 
     python benchmarks/profile_step.py
 """
@@ -42,8 +43,10 @@ def main():
     from torch.profiler import ProfilerActivity, profile
 
     folder, _ = bench.make_model_folder(tiny=False)
-    cfg = peft_qlora.parse_args(["--model", folder, "--max-length", "512", "--output-dir", tempfile.mkdtemp()])
-    model, tokenizer, _ = peft_qlora.build_model(cfg, ["neg", "pos"], "bf16")
+    cfg = peft_qlora.parse_args(["--model", folder, "--max-length", "512", "--epochs", "1",
+                                 "--output-dir", tempfile.mkdtemp()])
+    runtime = peft_qlora.decide_runtime("bf16")
+    model, tokenizer, _ = peft_qlora.build_model(cfg, ["neg", "pos"], runtime)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
 
@@ -66,9 +69,9 @@ def main():
           flush=True)
 
     data = Dataset.from_dict({"input_ids": [list(range(1000, 1512))] * 1600, "labels": [0, 1] * 800})
-    trainer = peft_qlora.make_trainer(model, tokenizer, data, data.select(range(8)), cfg, "bf16", tempfile.mkdtemp())
-    trainer.args.eval_strategy = trainer.args.save_strategy = "no"
-    trainer.args.disable_tqdm = True
+    plan = peft_qlora.BatchPlan(cfg.batch_size, 1, peft_qlora.DEFAULT_EVAL_BATCH, False)  # batch 32, as above
+    trainer = peft_qlora.make_trainer(model, tokenizer, data, data.select(range(8)), cfg, runtime, plan,
+                                      tempfile.mkdtemp(), evaluate_each_epoch=False, save_checkpoints=False)
     torch.cuda.synchronize()
     start = time.perf_counter()
     trainer.train()
