@@ -219,10 +219,10 @@ def one_epoch(mode, model, tokenizer, texts, cfg, runtime, workdir):
 
 
 def main():
+    args = parse_args()  # first: --help needs none of the frameworks
     import pyarrow.parquet as pq
     import torch
 
-    args = parse_args()
     texts = pq.read_table(args.data, columns=["text"]).column("text").to_pylist()
     epoch_texts = texts if args.epoch_reviews == "all" else texts[:int(args.epoch_reviews)]
     folder, config = make_model_folder(args.tiny)
