@@ -24,6 +24,7 @@ From Python, in a notebook:
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import functools
 import itertools
@@ -143,8 +144,12 @@ class Config:
     epochs: int = _opt(3, "passes over the training set", type=_positive_int)
     learning_rate: float = _opt(1e-3, "peak learning rate (LoRA and the new head want far more than full "
                                 "fine-tuning's ~3e-5)", type=_positive_float)
-    batch_size: int = _opt(32, "texts per optimizer step on each process (GPU); with N processes a step sees N "
-                           "times as many", type=_positive_int)
+    batch_size: int = _opt(32, "texts per optimizer step on each process (GPU), of --max-length tokens with --batching "
+                           "tokens; with N processes a step sees N times as many", type=_positive_int)
+    batching: str = _opt("texts", "texts: --batch-size texts a step, as the notebook does; tokens: each micro-batch "
+                         "holds as many texts as fit --micro-batch-size x --max-length tokens once padded, so a step on "
+                         "short texts does as much work as one on long texts: faster epochs, fewer steps",
+                         choices=["texts", "tokens"])
     micro_batch_size: int | None = _opt(None, "texts per forward pass; auto: as many of --batch-size as fit the "
                                         "GPU's memory at --max-length (measured), the rest by gradient accumulation",
                                         type=_auto_int)
@@ -160,8 +165,8 @@ class Config:
                                       "(needs --validation-size)", type=_positive_int)
     class_weights: str = _opt("none", "balanced: weigh each class's loss by the inverse of its share of the training "
                               "texts, for imbalanced labels", choices=["none", "balanced"])
-    compile: bool = _opt(False, "torch.compile the model: faster steps after a one-off compilation of a minute or "
-                         "more, which pays on long runs only")
+    compile: bool = _opt(False, "torch.compile each of the model's repeated layers (regional compilation): faster "
+                         "steps after a one-off compilation, which pays on long runs only")
     seed: int = _opt(42, "seed for the data subset, the new head, LoRA and the data order", type=int)
     # --- output ---
     output_dir: str = _opt("outputs/imdb_qlora",
@@ -294,6 +299,9 @@ class Runtime:
     precision: str  # bf16, fp16 or fp32: mixed-precision training, and the dtype of every frozen weight
     process_index: int = 0  # this process's rank under torchrun or accelerate launch
     num_processes: int = 1
+    # Lengths rounded up to a multiple of 64 on a GPU: few distinct shapes, so the work of each new shape (cuBLAS's
+    # and the attention kernels' choices) is done for 8 shapes up to 512 tokens, not hundreds. None on the CPU.
+    pad_multiple: int | None = None
 
     @property
     def is_main(self) -> bool:
@@ -305,11 +313,9 @@ class Runtime:
 
         return getattr(torch, DTYPES[self.precision])
 
-    @property
-    def pad_multiple(self) -> int | None:
-        # Lengths rounded up to a multiple of 64 on a GPU: few distinct shapes, so the GPU's attention kernels
-        # (cuDNN builds a plan for each new shape, ~0.2 s each) are reused after the first batches.
-        return 64 if self.device.type == "cuda" else None
+    def padded(self, length: int) -> int:
+        """The length a batch whose longest text has `length` tokens is padded to."""
+        return -(-length // self.pad_multiple) * self.pad_multiple if self.pad_multiple else length
 
 
 def decide_runtime(requested_precision: str) -> Runtime:
@@ -326,7 +332,8 @@ def decide_runtime(requested_precision: str) -> Runtime:
     device = state.device
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    return Runtime(device, choose_precision(requested_precision), state.process_index, state.num_processes)
+    return Runtime(device, choose_precision(requested_precision), state.process_index, state.num_processes,
+                   pad_multiple=64 if device.type == "cuda" else None)
 
 
 def choose_precision(requested: str) -> str:
@@ -345,6 +352,21 @@ def choose_precision(requested: str) -> str:
         raise UserError(f"--precision bf16 needs compute capability 8.0+, this GPU has {major}.{minor}: "
                         "use --precision fp16 (what auto picks)")
     return requested
+
+
+@contextlib.contextmanager
+def attention_kernels(runtime: Runtime):
+    """PyTorch's attention (SDPA) on a GPU without its cuDNN kernel, which it picks for padded batches on recent
+    GPUs and which builds a plan for every new shape: the flash and memory-efficient kernels compute the same
+    attention, and a QLoRA step on real IMDb batches took 86.5 ms with them against 105 ms (bert-base shape, H100,
+    measured in issue 8). Nothing changes on the CPU."""
+    if runtime.device.type != "cuda":
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        yield
 
 
 def wait_for_everyone() -> None:
@@ -583,6 +605,44 @@ def tokenize(dataset, tokenizer, max_length: int, truncation: str, sort_by_lengt
     return dataset
 
 
+def batch_by_tokens(dataset, max_tokens: int, runtime: Runtime, seed: int):
+    """The tokenised training texts grouped into micro-batches of at most max_tokens tokens once padded, one
+    micro-batch a row: texts of about the same length together, as many as fit. A fixed count of texts makes a
+    step over short texts cheap for the GPU but not for the CPU, which launches the same kernels for any batch, so
+    the GPU waits; filled batches keep it busy. The groups are formed once (texts of equal length in a seeded
+    random order); the Trainer shuffles the order of the micro-batches every epoch."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from datasets import Dataset
+
+    table = dataset.with_format("arrow")[:]
+    lengths = pc.list_value_length(table["input_ids"]).to_pylist()
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
+    order.sort(key=lengths.__getitem__)
+    sizes = [0]
+    for i in order:  # longer and longer texts: each new text sets the padded length of its micro-batch
+        if sizes[-1] and (sizes[-1] + 1) * runtime.padded(lengths[i]) > max_tokens:
+            sizes.append(0)
+        sizes[-1] += 1
+    offsets = pa.array(list(itertools.accumulate(sizes, initial=0)), pa.int32())
+    ordered = table.take(order)
+    return Dataset(pa.table({name: pa.ListArray.from_arrays(offsets, ordered[name].combine_chunks())
+                             for name in ("input_ids", "labels")}))
+
+
+def collate(rows: list[dict], pad) -> dict:
+    """The data loader's collate function: the texts padded into one batch, where a row of batch_by_tokens
+    (training) holds a whole micro-batch of texts, and a row of tokenize (evaluation) one text."""
+    texts = []
+    for row in rows:
+        if isinstance(row["labels"], list):
+            texts += [{"input_ids": ids, "labels": label} for ids, label in zip(row["input_ids"], row["labels"])]
+        else:
+            texts.append(row)
+    return pad(texts)
+
+
 # ----------------------------------------------------------------------------------------------
 # Model
 
@@ -775,6 +835,22 @@ def build_model(cfg: Config, label_names: list[str], runtime: Runtime):
     return model, tokenizer, info
 
 
+def compile_layers(model) -> int:
+    """torch.compile each of the model's repeated layers in place (regional compilation, as accelerate's
+    compile_regions does; in place, so the saved weights keep their names): one compilation serves every layer,
+    so it costs seconds rather than minutes, and with dynamic shapes a new batch shape needs none. Returns how
+    many layers were compiled."""
+    import torch
+
+    stacks = [m for m in model.modules()
+              if isinstance(m, torch.nn.ModuleList) and len(m) > 1 and len({type(layer) for layer in m}) == 1]
+    for stack in stacks:
+        for layer in stack:
+            layer.compile(dynamic=True)
+    log.info("Compiling %d layers with torch.compile as they first run", sum(map(len, stacks)))
+    return sum(map(len, stacks))
+
+
 # ----------------------------------------------------------------------------------------------
 # Batches that fit the GPU
 
@@ -890,14 +966,15 @@ def choose_batches(cfg: Config, model, runtime: Runtime) -> BatchPlan:
     """plan_batches for this run: on a GPU, measured at --max-length rounded up as the batches are padded."""
     budget, measure = None, None
     if runtime.device.type == "cuda":
-        multiple = runtime.pad_multiple
-        length = min(-(-cfg.max_length // multiple) * multiple, getattr(model.config, "max_position_embeddings",
-                                                                          cfg.max_length))
+        length = min(runtime.padded(cfg.max_length), getattr(model.config, "max_position_embeddings",
+                                                             cfg.max_length))
         budget, measure = memory_budget(runtime.device), functools.partial(memory_cost, model, runtime, length)
     plan = agree(plan_batches(cfg, budget, measure), runtime)
-    log.info("Batches: %d texts per optimizer step%s as %d micro-batch%s of %d%s; evaluation in batches of %d%s",
-             cfg.batch_size, f" on each of {runtime.num_processes} processes" if runtime.num_processes > 1 else "",
-             plan.accumulation, "es" if plan.accumulation > 1 else "", plan.micro_batch,
+    tokens = f" x {runtime.padded(cfg.max_length)} tokens" if cfg.batching == "tokens" else ""
+    log.info("Batches: %d texts%s per optimizer step%s as %d micro-batch%s of %d%s%s%s; evaluation in batches of %d%s",
+             cfg.batch_size, tokens, f" on each of {runtime.num_processes} processes" if runtime.num_processes > 1
+             else "", plan.accumulation, "es" if plan.accumulation > 1 else "", plan.micro_batch, tokens,
+             " (more texts where they are shorter)" if tokens else "",
              f" (measured to fit {budget / 2**30:.1f} GiB)" if budget is not None else "", plan.eval_batch,
              ", gradient checkpointing on" if plan.gradient_checkpointing else "")
     return plan
@@ -929,10 +1006,13 @@ def make_trainer(model, tokenizer, train_ds, eval_ds, cfg: Config, runtime: Runt
     checkpointing = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
                      else "gradient_checkpointing")
     keep_best = bool(cfg.validation_size) and evaluate_each_epoch
+    by_tokens = cfg.batching == "tokens"
+    if by_tokens:  # each row a micro-batch filled to what plan_batches measured: micro-batch x --max-length
+        train_ds = batch_by_tokens(train_ds, plan.micro_batch * runtime.padded(cfg.max_length), runtime, cfg.seed)
     args = TrainingArguments(
         output_dir=checkpoints,
         num_train_epochs=cfg.epochs,
-        per_device_train_batch_size=plan.micro_batch,
+        per_device_train_batch_size=1 if by_tokens else plan.micro_batch,
         gradient_accumulation_steps=plan.accumulation,
         per_device_eval_batch_size=plan.eval_batch,
         **{checkpointing: plan.gradient_checkpointing,
@@ -943,12 +1023,11 @@ def make_trainer(model, tokenizer, train_ds, eval_ds, cfg: Config, runtime: Runt
         weight_decay=0.01,
         bf16=runtime.precision == "bf16",
         fp16=runtime.precision == "fp16",
-        torch_compile=cfg.compile,
         use_cpu=runtime.device.type == "cpu",
         ddp_find_unused_parameters=False,  # every trainable weight takes part in every step: skip the search
         eval_strategy="epoch" if evaluate_each_epoch else "no",
-        # batches of similar lengths (shuffled in groups): little padding, same randomness per epoch
-        train_sampling_strategy="group_by_length",
+        # texts: batches of similar lengths (shuffled in groups), little padding; tokens: micro-batches shuffled
+        train_sampling_strategy="random" if by_tokens else "group_by_length",
         save_strategy="epoch" if save_checkpoints else "no",  # a checkpoint per epoch for --resume
         save_total_limit=1,  # --resume needs only the latest (and the Trainer keeps the best beside it)
         load_best_model_at_end=keep_best,
@@ -960,14 +1039,15 @@ def make_trainer(model, tokenizer, train_ds, eval_ds, cfg: Config, runtime: Runt
         seed=cfg.seed,
         report_to=cfg.report_to if cfg.report_to in ("wandb", "mlflow") else "none",  # tensorboard: below
     )
+    collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=runtime.pad_multiple)
     callbacks = [EarlyStoppingCallback(cfg.early_stopping)] if cfg.early_stopping else []
     if cfg.report_to == "tensorboard" and runtime.is_main:  # into OUTPUT_DIR/logs, which outlives the checkpoints
         from torch.utils.tensorboard import SummaryWriter
         from transformers.integrations import TensorBoardCallback
 
         callbacks.append(TensorBoardCallback(SummaryWriter(os.path.join(cfg.output_dir, "logs"))))
-    collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=runtime.pad_multiple)
-    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
+    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                      data_collator=functools.partial(collate, pad=collator),
                       processing_class=tokenizer, compute_metrics=compute_metrics, callbacks=callbacks,
                       compute_loss_func=weighted_loss(class_weights, model) if class_weights else None)
     trainer.remove_callback(ProgressCallback)  # for one that prints less
@@ -1067,8 +1147,9 @@ def evaluate(trainer, dataset, label_names: list[str], phase: str) -> dict:
     return metrics
 
 
-def train(trainer, resume: bool, device) -> tuple[list[dict], dict]:
-    """Trains, evaluating after every epoch. Returns (history per epoch, training run figures)."""
+def train(trainer, resume: bool, device, texts: int) -> tuple[list[dict], dict]:
+    """Trains on `texts` training texts, evaluating after every epoch. Returns (history per epoch, training run
+    figures)."""
     import torch
 
     if device.type == "cuda":
@@ -1083,7 +1164,9 @@ def train(trainer, resume: bool, device) -> tuple[list[dict], dict]:
         elif "loss" in entry:
             epoch["train_loss"] = entry["loss"]
     run = {"train_runtime_s": result.metrics["train_runtime"],
-           "train_samples_per_s": result.metrics["train_samples_per_second"],
+           # texts, not the Trainer's samples (a micro-batch each with --batching tokens); a resumed run trained
+           # only the epochs left
+           "train_texts_per_s": None if resume else texts * trainer.state.epoch / result.metrics["train_runtime"],
            "optimizer_steps": trainer.state.global_step, "peak_memory_bytes": peak_memory(device), "resumed": resume}
     log.info("Trained %d epochs in %.1f s, peak memory %.0f MB", len(history), run["train_runtime_s"],
              run["peak_memory_bytes"] / 1e6)
@@ -1310,24 +1393,54 @@ def classify(classifier: Classifier, texts: list[str], batch_size: int | None = 
     # Texts of similar length batch together with little padding; sorting by characters rather than tokens
     # lets each batch be tokenised just before it runs
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+    def prepare(batch: list[int]):
+        encoded = encode(tokenizer, [texts[i] for i in batch], classifier.max_length, classifier.truncation)
+        tensors = pad_batch(encoded, tokenizer.pad_token_id, runtime)
+        return [t.pin_memory() for t in tensors] if device.type == "cuda" else tensors  # copies that wait for nothing
+
     logits = []
-    with torch.inference_mode(), autocast:
-        for start in range(0, len(order), batch_size):
-            encoded = encode(tokenizer, [texts[i] for i in order[start:start + batch_size]], classifier.max_length,
-                             classifier.truncation)
-            batch = tokenizer.pad({"input_ids": encoded}, return_tensors="pt",
-                                  pad_to_multiple_of=runtime.pad_multiple)
-            # From pinned memory the copy waits for nothing, and the logits stay on the device: the CPU
-            # prepares the next batch while the GPU runs this one
-            inputs = {k: v.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else v
-                      for k, v in batch.items()}
+    with torch.inference_mode(), autocast, attention_kernels(runtime):
+        for ids, mask in prepared_ahead(prepare, batches):
             with explain_out_of_memory(f"predicting in batches of {batch_size}", "pass a smaller batch_size "
                                        "(--batch-size in the shell)"):
-                logits.append(model(**inputs).logits.float())
+                # The logits stay on the device: nothing here waits for the GPU to finish a batch
+                logits.append(model(input_ids=ids.to(device, non_blocking=True),
+                                    attention_mask=mask.to(device, non_blocking=True)).logits.float())
     probabilities: list = [None] * len(texts)
     for i, p in zip(order, torch.cat(logits).softmax(-1).tolist()):
         probabilities[i] = p
     return probabilities
+
+
+def pad_batch(encoded: list[list[int]], pad_id: int, runtime: Runtime):
+    """(input_ids, attention_mask) tensors of these texts, padded on the right to the runtime's multiple: what
+    tokenizer.pad returns, built with numpy in one step instead of text by text in Python (9x faster for batches of
+    256 reviews on a 2-core CPU), as the GPU waits for it."""
+    import numpy as np
+    import torch
+
+    lengths = np.array([len(ids) for ids in encoded])
+    mask = np.arange(runtime.padded(int(lengths.max()))) < lengths[:, None]
+    ids = np.full(mask.shape, pad_id, dtype=np.int64)
+    ids[mask] = np.fromiter(itertools.chain.from_iterable(encoded), np.int64, count=int(lengths.sum()))
+    return torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))
+
+
+def prepared_ahead(prepare, batches: list, ahead: int = 2):
+    """prepare(batch) for each batch, in order, computed on a second thread `ahead` batches in advance: the
+    tokenizer (Rust, which releases the GIL) works on the next batches while the model runs this one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        pending = collections.deque()
+        for batch in batches:
+            pending.append(pool.submit(prepare, batch))
+            if len(pending) > ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def predict(texts: str | list[str], model_dir: str | None = None, batch_size: int | None = None):
@@ -1539,6 +1652,8 @@ def run(cfg: Config) -> dict:
         set_seed(cfg.seed)  # before the model: the new head and the LoRA matrices start from it
         model, tokenizer, model_info = build_model(cfg, data.label_names, runtime)
         plan = choose_batches(cfg, model, runtime)
+        if cfg.compile:
+            compile_layers(model)
         train_ds = tokenize(data.train, tokenizer, cfg.max_length, cfg.truncation)
         test_ds = tokenize(data.test, tokenizer, cfg.max_length, cfg.truncation, sort_by_length=True)
         validation_ds = (tokenize(data.validation, tokenizer, cfg.max_length, cfg.truncation, sort_by_length=True)
@@ -1547,16 +1662,17 @@ def run(cfg: Config) -> dict:
                    if cfg.class_weights == "balanced" else None)
         trainer = make_trainer(model, tokenizer, train_ds, validation_ds or test_ds, cfg, runtime, plan, checkpoints,
                                class_weights=weights)
-        before = evaluate(trainer, test_ds, data.label_names, "Before training")
-        metrics = {"before": before}
-        if validation_ds:  # where the per-epoch line starts
-            metrics["validation_before"] = evaluate(trainer, validation_ds, data.label_names,
-                                                    "Validation before training")
-        with explain_out_of_memory("training", f"lower --micro-batch-size (this run: {plan.micro_batch}) or "
-                                   "--max-length, or turn on --gradient-checkpointing; the checkpoints of finished "
-                                   f"epochs stay in {checkpoints}: continue with --resume"):
-            history, run_info = train(trainer, cfg.resume, runtime.device)
-        after = evaluate(trainer, test_ds, data.label_names, "After training")  # the best epoch's model, if kept
+        with attention_kernels(runtime):
+            before = evaluate(trainer, test_ds, data.label_names, "Before training")
+            metrics = {"before": before}
+            if validation_ds:  # where the per-epoch line starts
+                metrics["validation_before"] = evaluate(trainer, validation_ds, data.label_names,
+                                                        "Validation before training")
+            with explain_out_of_memory("training", f"lower --micro-batch-size (this run: {plan.micro_batch}) or "
+                                       "--max-length, or turn on --gradient-checkpointing; the checkpoints of finished "
+                                       f"epochs stay in {checkpoints}: continue with --resume"):
+                history, run_info = train(trainer, cfg.resume, runtime.device, len(data.train))
+            after = evaluate(trainer, test_ds, data.label_names, "After training")  # the best epoch's model, if kept
         metrics.update(after=after, history=history, label_names=data.label_names, model=model_info,
                        training=run_info, batches=plan._asdict(), precision=runtime.precision,
                        processes=runtime.num_processes, device=device_name(runtime), config=asdict(cfg),

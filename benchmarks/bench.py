@@ -8,15 +8,18 @@ On a bert-base-shaped model (random BertConfig() weights: the same FLOPs and byt
           padded to 512, random order, default Trainer settings (batch 8), bf16
   lora    plain LoRA (same config) on a bf16 base, no quantization, the project's data pipeline
   full    full fine-tuning in bf16 mixed precision, the project's data pipeline
-  qlora-compile, lora-compile   the same with torch.compile (peft_qlora.py --compile); the epoch includes
-          the compilation, the fixed-shape rate does not (its warm-up does)
+  qlora-compile, lora-compile   the same with peft_qlora.py --compile (each repeated layer compiled); the
+          epoch includes the compilation, the fixed-shape rate does not (its warm-up does)
 
 For each: a fixed shape (a plain loop of training steps on batches of 512-token reviews): reviews/s, tokens/s,
 peak memory and the fraction of the FLOP bound (the card's bf16 matmul rate, measured in the same run);
-and one epoch of the Trainer over real IMDb reviews: wall time, reviews/s, real tokens/s, peak memory.
-Then predict() throughput with the QLoRA model.
+and one epoch of the Trainer over real IMDb reviews: wall time, reviews/s, real tokens/s, the FLOP-bound fraction
+over the real lengths, peak memory. With the QLoRA model: the Trainer's evaluation rate, predict()'s rate over
+the same reviews, and the wall time of the shell's `peft_qlora.py predict` of two texts with the model saved.
+Then each of issue 8's targets, with its ratio and whether it is met.
 
-    python benchmarks/bench.py --data ../shared/data/imdb/train.parquet --epoch-reviews 8000   # GPU, ~10 minutes
+    python benchmarks/bench.py --data ../shared/data/imdb/train.parquet --modes qlora lora   # GPU, a few minutes
+    python benchmarks/bench.py --data train.parquet --model ../shared/models/minilm-l6-h384-uncased --modes qlora
     python benchmarks/bench.py --tiny --data tests/data/imdb_train.parquet       # CPU smoke test
 
 Prints a table and writes --out (default benchmarks/results.json).
@@ -42,11 +45,15 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="parquet of reviews (text column): real lengths for the epoch")
     p.add_argument("--tiny", action="store_true", help="a 2-layer model and a few steps: a smoke test for CPUs")
+    p.add_argument("--model", help="a model folder to measure instead of the random bert-base-shaped one")
+    p.add_argument("--batching", choices=["tokens", "texts"], help="peft_qlora.py's --batching for every mode but "
+                   "naive (default: the script's)")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=32, help="fixed-shape loop batch; the project's default too")
     p.add_argument("--steps", type=int, default=20, help="timed steps of the fixed-shape loop")
     p.add_argument("--epoch-reviews", default="all", help="reviews in the timed epoch, or 'all'")
-    p.add_argument("--predict-reviews", type=int, default=5000)
+    p.add_argument("--predict-reviews", type=int, default=5000, help="reviews predict() and the Trainer's "
+                   "evaluation classify")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--out", default=os.path.join(HERE, "results.json"))
     return p.parse_args()
@@ -94,11 +101,13 @@ def flops_per_review(config, seq, full):
     return forward * (3 if full else 2)
 
 
-def make_model_folder(tiny):
-    """A randomly initialised BERT saved with the bert-base-uncased WordPiece vocabulary."""
+def make_model_folder(tiny, model=None):
+    """A randomly initialised BERT saved with the bert-base-uncased WordPiece vocabulary, or the given model folder."""
     import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+    from transformers import AutoConfig, AutoTokenizer, BertConfig, BertForSequenceClassification
 
+    if model:
+        return model, AutoConfig.from_pretrained(model)
     config = (BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
               if tiny else BertConfig())
     torch.manual_seed(0)
@@ -109,35 +118,36 @@ def make_model_folder(tiny):
 
 
 def build(mode, folder, cfg, runtime):
-    """The model each recipe trains."""
+    """The model each recipe trains, and its tokenizer."""
     import torch
     from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     labels = ["neg", "pos"]
-    mode = mode.removesuffix("-compile")  # torch.compile wraps the same model
+    mode = mode.removesuffix("-compile")  # compile_layers compiles the same model
     if mode == "qlora":
         model, tokenizer, _ = peft_qlora.build_model(cfg, labels, runtime)
         return model, tokenizer
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    device = {"": runtime.device}
-    half = runtime.dtype
-    lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16, lora_dropout=0.1,
-                      target_modules=["query", "value"])
     if mode == "naive":  # the same 4-bit model (a quantized head would crash), prepared with peft's defaults
         model = AutoModelForSequenceClassification.from_pretrained(
             folder, **peft_qlora.quantized_load_kwargs(labels, runtime))
+        lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16, lora_dropout=0.1,
+                          target_modules=["query", "value"])
         return get_peft_model(prepare_model_for_kbit_training(model), lora), tokenizer
-    if mode == "lora":
-        model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2, dtype=half,
-                                                                   device_map=device)
-        model = get_peft_model(model, lora)
-        for p in model.parameters():  # adapters and head train in fp32, as in the QLoRA path
-            if p.requires_grad:
-                p.data = p.data.float()
+    # lora: a 16-bit base; full: every weight in fp32, bf16 mixed precision
+    model = AutoModelForSequenceClassification.from_pretrained(
+        folder, num_labels=2, dtype=runtime.dtype if mode == "lora" else torch.float32,
+        device_map={"": runtime.device})
+    if mode == "full":
         return model, tokenizer
-    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2, dtype=torch.float32,
-                                                               device_map=device)
+    # QLoRA's settings: the same LoRA, and the same modules trained beside it (the head, BERT's pooler)
+    lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=["query", "value"], modules_to_save=list(peft_qlora.trainable_heads(model)))
+    model = get_peft_model(model, lora)
+    for p in model.parameters():  # adapters and heads train in fp32, as in the QLoRA path
+        if p.requires_grad:
+            p.data = p.data.float()
     return model, tokenizer
 
 
@@ -162,18 +172,19 @@ def fixed_shape(model, args, runtime, vocab_size):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    start = time.perf_counter()
-    for _ in range(3):
-        step()
-    sync()
-    warmup = time.perf_counter() - start  # with torch.compile: mostly the compilation
-    reset_memory()
-    sync()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    sync()
-    seconds = time.perf_counter() - start
+    with peft_qlora.attention_kernels(runtime):  # the attention kernels training uses
+        start = time.perf_counter()
+        for _ in range(3):
+            step()
+        sync()
+        warmup = time.perf_counter() - start  # compiled: mostly the compilation
+        reset_memory()
+        sync()
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        sync()
+        seconds = time.perf_counter() - start
     return args.steps * args.batch_size / seconds, peft_qlora.peak_memory(device), warmup
 
 
@@ -187,8 +198,38 @@ def predict_rate(classifier, texts, batch_size):
     return len(texts) / (time.perf_counter() - start), probabilities
 
 
-def one_epoch(mode, model, tokenizer, texts, cfg, runtime, workdir):
-    """One epoch of the Trainer over real reviews, as each recipe feeds them."""
+def evaluation_rate(trainer, tokenizer, texts, cfg, runtime):
+    """The Trainer's evaluation of the trained model over texts, tokenised beforehand as the script does: reviews/s,
+    after a warm-up on the first 256."""
+    from datasets import Dataset
+
+    data = peft_qlora.tokenize(Dataset.from_dict({"text": texts, "labels": [i % 2 for i in range(len(texts))]}),
+                               tokenizer, cfg.max_length, cfg.truncation, sort_by_length=True)
+    with peft_qlora.attention_kernels(runtime):
+        trainer.predict(data.select(range(min(256, len(data)))))
+        sync()
+        start = time.perf_counter()
+        trainer.predict(data)
+        sync()
+    return len(texts) / (time.perf_counter() - start)
+
+
+def shell_predict_seconds(model, tokenizer, cfg, workdir):
+    """Wall time of `python peft_qlora.py predict TEXT TEXT` in a fresh process, with this model saved as a training
+    run saves it: what a user waits for in the shell."""
+    import subprocess
+
+    model_dir = os.path.join(workdir, "model")
+    peft_qlora.save(model, tokenizer, {"label_names": ["neg", "pos"], "config": dataclasses.asdict(cfg)}, model_dir)
+    start = time.perf_counter()
+    subprocess.run([sys.executable, os.path.join(os.path.dirname(HERE), "peft_qlora.py"), "predict", "--model-dir",
+                    model_dir, "A wonderful film.", "Two hours I will never get back."], check=True,
+                   capture_output=True)
+    return time.perf_counter() - start
+
+
+def one_epoch(mode, model, tokenizer, texts, cfg, runtime, workdir, config):
+    """One epoch of the Trainer over real reviews, as each recipe feeds them. Returns (figures, the Trainer)."""
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments
 
@@ -205,17 +246,20 @@ def one_epoch(mode, model, tokenizer, texts, cfg, runtime, workdir):
         trainer = peft_qlora.make_trainer(model, tokenizer, data, data.select(range(8)), cfg, runtime, plan, workdir,
                                           evaluate_each_epoch=False, save_checkpoints=False)  # time training alone
     reset_memory()
-    start = time.perf_counter()
-    trainer.train()
-    sync()
-    seconds = time.perf_counter() - start
+    with peft_qlora.attention_kernels(runtime):
+        start = time.perf_counter()
+        trainer.train()
+        sync()
+        seconds = time.perf_counter() - start
     # Tokens each review really has at this length (padding not counted), the same for every recipe
-    real_tokens = sum(map(len, peft_qlora.encode(tokenizer, texts, cfg.max_length, "head")))
+    lengths = list(map(len, peft_qlora.encode(tokenizer, texts, cfg.max_length, "head")))
+    flops = sum(flops_per_review(config, n, full=mode == "full") for n in lengths)
     return {"epoch_s": seconds, "epoch_reviews_per_s": len(texts) / seconds,
-            "epoch_tokens_per_s": real_tokens / seconds,
+            "epoch_tokens_per_s": sum(lengths) / seconds, "epoch_tflops": flops / seconds / 1e12,
             "epoch_peak_memory_gib": peft_qlora.peak_memory(runtime.device) / 2**30,
-            "batch_size": trainer.args.per_device_train_batch_size, "epochs": trainer.state.epoch,
-            "optimizer_steps": trainer.state.global_step}
+            "batch_size": trainer.args.per_device_train_batch_size, "micro_batches": len(trainer.train_dataset),
+            "epochs": trainer.state.epoch, "optimizer_steps": trainer.state.global_step,
+            "reviews_per_step": len(texts) / trainer.state.global_step}, trainer
 
 
 def main():
@@ -225,12 +269,13 @@ def main():
 
     texts = pq.read_table(args.data, columns=["text"]).column("text").to_pylist()
     epoch_texts = texts if args.epoch_reviews == "all" else texts[:int(args.epoch_reviews)]
-    folder, config = make_model_folder(args.tiny)
+    folder, config = make_model_folder(args.tiny, args.model)
     runtime = peft_qlora.decide_runtime("auto")
     workdir = tempfile.mkdtemp(prefix="bench-run-")
     # One epoch: the timed epoch of every mode covers each review once
     cfg = peft_qlora.parse_args(["--model", folder, "--max-length", str(args.max_length), "--epochs", "1",
-                                 "--batch-size", str(args.batch_size), "--output-dir", workdir])
+                                 "--batch-size", str(args.batch_size), "--output-dir", workdir]
+                                + (["--batching", args.batching] if args.batching else []))
     peak = matmul_peak_tflops()
     rows = {}
     for mode in args.modes:
@@ -238,8 +283,9 @@ def main():
         mode_cfg = dataclasses.replace(cfg, compile=compiled)
         reset_memory()
         model, tokenizer = build(mode, folder, mode_cfg, runtime)
-        rate, memory, warmup = fixed_shape(torch.compile(model) if compiled else model, args, runtime,
-                                           config.vocab_size)
+        if compiled:
+            peft_qlora.compile_layers(model)
+        rate, memory, warmup = fixed_shape(model, args, runtime, config.vocab_size)
         row = {"reviews_per_s": rate, "tokens_per_s": rate * args.max_length, "peak_memory_gib": memory / 2**30,
                "warmup_s": warmup}
         if peak:
@@ -249,24 +295,65 @@ def main():
         torch._dynamo.reset()  # the epoch compiles afresh, so its time includes the compilation
         reset_memory()
         model, tokenizer = build(mode, folder, mode_cfg, runtime)  # fresh weights and optimizer for the epoch
-        row.update(one_epoch(mode, model, tokenizer, epoch_texts, mode_cfg, runtime, workdir))
-        if mode == "qlora":  # served as predict() serves it
+        if compiled:
+            peft_qlora.compile_layers(model)
+        epoch, trainer = one_epoch(mode, model, tokenizer, epoch_texts, mode_cfg, runtime, workdir, config)
+        row.update(epoch)
+        if peak:
+            row["epoch_flop_bound_fraction"] = row["epoch_tflops"] / peak
+        if mode == "qlora":  # the trained model evaluated by the Trainer, from the shell, and served as predict()
+            served = texts[:args.predict_reviews]
+            row["evaluation_reviews_per_s"] = evaluation_rate(trainer, tokenizer, served, mode_cfg, runtime)
+            row["shell_predict_s"] = shell_predict_seconds(model, tokenizer, mode_cfg, workdir)
             classifier = peft_qlora.make_classifier(model, tokenizer, ["neg", "pos"], args.max_length,
                                                     cfg.truncation, runtime, peft_qlora.DEFAULT_EVAL_BATCH)
-            row["predict_reviews_per_s"], _ = predict_rate(classifier, texts[:args.predict_reviews],
-                                                           peft_qlora.DEFAULT_EVAL_BATCH)
+            row["predict_reviews_per_s"], _ = predict_rate(classifier, served, peft_qlora.DEFAULT_EVAL_BATCH)
         rows[mode] = row
-        del model
+        del model, trainer
         print(mode, json.dumps(row), flush=True)
-        result = report(rows, args, peak, runtime, len(epoch_texts), len(texts))  # after each mode: a partial
+        result = report(rows, args, peak, runtime, len(epoch_texts), len(texts), cfg)  # after each mode: a partial
     print_table(result)
 
 
-def report(rows, args, peak, runtime, epoch_reviews, all_reviews):
+def targets(rows, epoch_reviews, all_reviews, device, bert_base):
+    """Issue 8's targets that this run measured: (target, figure, met)."""
+    out = []
+    if "qlora" in rows:
+        q = rows["qlora"]
+        out.append(("real-length epoch tokens/s >= 1.0x the fixed shape's (QLoRA)",
+                    f"{q['epoch_tokens_per_s'] / q['tokens_per_s']:.2f}x", q["epoch_tokens_per_s"] >= q["tokens_per_s"]))
+        if bert_base and epoch_reviews == all_reviews:
+            out.append((f"an epoch of all {all_reviews:,} reviews in at most 30 s on an H100 (QLoRA)",
+                        f"{q['epoch_s']:.1f} s on {device}", q["epoch_s"] <= 30 and "H100" in device))
+        if "epoch_flop_bound_fraction" in q:
+            out.append(("at least 20% of the FLOP bound over real lengths (QLoRA)",
+                        f"{100 * q['epoch_flop_bound_fraction']:.1f}%", q["epoch_flop_bound_fraction"] >= 0.2))
+        ratio = q["predict_reviews_per_s"] / q["evaluation_reviews_per_s"]
+        out.append(("predict() >= 0.9x the Trainer's evaluation of the same model", f"{ratio:.2f}x", ratio >= 0.9))
+        floor = 3000 if bert_base else 8000
+        out.append((f"predict() >= {floor:,} reviews/s ({'bert-base shape' if bert_base else 'this model'})",
+                    f"{q['predict_reviews_per_s']:,.0f}", q["predict_reviews_per_s"] >= floor))
+        out.append(("shell predict of two texts in at most 8 s on a GPU", f"{q['shell_predict_s']:.1f} s",
+                    q["shell_predict_s"] <= 8 and "CPU" not in device))
+    if "qlora" in rows and "lora" in rows:
+        q, lora = rows["qlora"], rows["lora"]
+        ratio = q["epoch_reviews_per_s"] / lora["epoch_reviews_per_s"]
+        memory = q["epoch_peak_memory_gib"] / lora["epoch_peak_memory_gib"]
+        out.append(("QLoRA epoch >= 1.0x bf16 LoRA's, at no more memory", f"{ratio:.2f}x, memory {memory:.2f}x",
+                    ratio >= 1 and memory <= 1))
+        ratio = q["reviews_per_s"] / lora["reviews_per_s"]
+        out.append(("QLoRA fixed shape >= 1.0x bf16 LoRA's", f"{ratio:.2f}x", ratio >= 1))
+    return [{"target": t, "measured": m, "met": bool(ok)} for t, m, ok in out]
+
+
+def report(rows, args, peak, runtime, epoch_reviews, all_reviews, cfg):
     """The results so far, written to --out."""
-    result = {"device": peft_qlora.device_name(runtime), "precision": runtime.precision, "bf16_matmul_tflops": peak,
-              "max_length": args.max_length, "batch_size": args.batch_size, "epoch_reviews": epoch_reviews,
-              "tiny": args.tiny, "versions": peft_qlora.versions(), "modes": rows, "command": " ".join(sys.argv)}
+    device = peft_qlora.device_name(runtime)
+    result = {"device": device, "precision": runtime.precision, "bf16_matmul_tflops": peak,
+              "max_length": args.max_length, "batch_size": args.batch_size, "batching": cfg.batching,
+              "model": args.model or ("tiny random BERT" if args.tiny else "random bert-base shape"),
+              "epoch_reviews": epoch_reviews, "tiny": args.tiny, "versions": peft_qlora.versions(), "modes": rows,
+              "command": " ".join(sys.argv)}
     for mode, row in rows.items():  # an epoch over every review of --data, from the rate on epoch_reviews;
         # not for compiled modes on a part of the data: their time includes the one-off compilation
         partial_compiled = mode.endswith("-compile") and epoch_reviews < all_reviews
@@ -275,6 +362,7 @@ def report(rows, args, peak, runtime, epoch_reviews, all_reviews):
                                         "fixed_shape_speed": rows[q]["reviews_per_s"] / r["reviews_per_s"],
                                         "peak_memory": rows[q]["peak_memory_gib"] / r["peak_memory_gib"]}
                         for q in rows if q.startswith("qlora") for m, r in rows.items() if not m.startswith("qlora")}
+    result["targets"] = targets(rows, epoch_reviews, all_reviews, device, bert_base=not (args.model or args.tiny))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
@@ -284,22 +372,29 @@ def report(rows, args, peak, runtime, epoch_reviews, all_reviews):
 def print_table(result):
     rows, peak, device = result["modes"], result["bf16_matmul_tflops"], result["device"]
     matmul = f", bf16 matmul {peak:.0f} TFLOP/s" if peak else ""
-    print(f"\n{device}, {result['precision']}, seq {result['max_length']}, batch {result['batch_size']}, "
-          f"epoch rate measured on {result['epoch_reviews']} reviews{matmul}")
+    print(f"\n{device}, {result['model']}, {result['precision']}, seq {result['max_length']}, batch "
+          f"{result['batch_size']} ({result['batching']}), epoch rate measured on {result['epoch_reviews']} "
+          f"reviews{matmul}")
     print("| mode | reviews/s (fixed shape) | tokens/s | % FLOP bound | peak GiB | epoch s (all reviews) | "
-          "epoch reviews/s | epoch tokens/s | epoch peak GiB |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "epoch reviews/s | epoch tokens/s | epoch % FLOP bound | epoch peak GiB | reviews a step |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for mode, r in rows.items():
         bound = f"{100 * r['flop_bound_fraction']:.1f}" if "flop_bound_fraction" in r else "n/a"
+        epoch_bound = f"{100 * r['epoch_flop_bound_fraction']:.1f}" if "epoch_flop_bound_fraction" in r else "n/a"
         full_epoch = "n/a" if r["full_epoch_s"] is None else f"{r['full_epoch_s']:.1f}"
         print(f"| {mode} | {r['reviews_per_s']:.1f} | {r['tokens_per_s']:.0f} | {bound} | {r['peak_memory_gib']:.2f} | "
-              f"{full_epoch} | {r['epoch_reviews_per_s']:.1f} | {r['epoch_tokens_per_s']:.0f} | "
-              f"{r['epoch_peak_memory_gib']:.2f} |")
+              f"{full_epoch} | {r['epoch_reviews_per_s']:.1f} | {r['epoch_tokens_per_s']:.0f} | {epoch_bound} | "
+              f"{r['epoch_peak_memory_gib']:.2f} | {r['reviews_per_step']:.1f} |")
     if "qlora" in rows:
-        print(f"\npredict(): {rows['qlora']['predict_reviews_per_s']:.1f} reviews/s")
+        q = rows["qlora"]
+        print(f"\npredict(): {q['predict_reviews_per_s']:.1f} reviews/s; the Trainer's evaluation: "
+              f"{q['evaluation_reviews_per_s']:.1f} reviews/s; shell predict of two texts: {q['shell_predict_s']:.1f} s")
     for name, ratio in result["ratios"].items():
         print(f"{name}: epoch {ratio['epoch_speed']:.2f}x faster, fixed shape {ratio['fixed_shape_speed']:.2f}x, "
               f"peak memory {ratio['peak_memory']:.2f}x")
+    print("\n| target | measured | met |\n| --- | --- | --- |")
+    for t in result["targets"]:
+        print(f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} |")
 
 
 if __name__ == "__main__":

@@ -2,10 +2,13 @@
 
 On a GPU, memory_cost measures each step's cost on the real model (batches of 1 and 2 texts at --max-length). No
 GPU here: these tests hand plan_batches the costs such a measurement returns and check what it makes of them."""
+import json
+
 import pytest
 
 import peft_qlora
-from conftest import cpu_runtime
+from conftest import cpu_runtime, run_main, train_args
+
 
 def gib(n):
     return int(n * 2**30)
@@ -99,3 +102,26 @@ def test_choose_batches_on_the_cpu_logs_the_plan(tiny_bert, caplog):
     cfg = peft_qlora.parse_args(["--model", tiny_bert, "--batch-size", "8", "--micro-batch-size", "4"])
     assert peft_qlora.choose_batches(cfg, None, cpu_runtime()) == (4, 2, 256, False)
     assert "Batches: 8 texts per optimizer step as 2 micro-batches of 4; evaluation in batches of 256" in caplog.text
+    cfg = peft_qlora.parse_args(["--model", tiny_bert, "--batch-size", "8", "--batching", "tokens"])
+    peft_qlora.choose_batches(cfg, None, cpu_runtime())
+    assert ("Batches: 8 texts x 512 tokens per optimizer step as 1 micro-batch of 8 x 512 tokens (more texts where "
+            "they are shorter); evaluation in batches of 256") in caplog.text
+
+
+@pytest.mark.parametrize("batching, steps", [("tokens", 2 * 1), ("texts", 2 * 64 // 8)])
+def test_short_texts_fill_a_step_by_tokens_not_by_count(batching, steps, tiny_bert, tmp_path, capsys, caplog):
+    """64 texts of a few tokens, 8 texts of --max-length 64 a step: by tokens (512) all 64 fit one step; by count,
+    8 steps an epoch."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = str(tmp_path / "short.parquet")
+    pq.write_table(pa.table({"text": [f"{'good' if i % 2 else 'bad'} {i}" for i in range(64)],
+                             "label": [i % 2 for i in range(64)]}), path)
+    out = tmp_path / batching
+    status, said = run_main(train_args(tiny_bert, {"train": path, "test": path}, out, "--batching", batching),
+                            capsys, caplog)
+    assert status == 0, said[-3000:]
+    metrics = json.loads((out / "model" / "metrics.json").read_text())
+    assert metrics["training"]["optimizer_steps"] == steps and metrics["config"]["batching"] == batching
+    assert metrics["training"]["train_texts_per_s"] > 0

@@ -14,7 +14,7 @@ def test_the_benchmark_runs_every_mode_on_a_tiny_model(tmp_path):
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "bench.py"), "--tiny", "--data",
          os.path.join(DATA, "imdb_train.parquet"), "--max-length", "128", "--epoch-reviews", "32", "--steps", "1",
-         "--predict-reviews", "32", "--out", str(out)],
+         "--predict-reviews", "32", "--batching", "tokens", "--out", str(out)],
         capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -24,10 +24,19 @@ def test_the_benchmark_runs_every_mode_on_a_tiny_model(tmp_path):
         assert row["epoch_tokens_per_s"] > 0 and row["peak_memory_gib"] > 0
         # 32 of 512 reviews: an epoch over all is extrapolated, except where it would multiply the compilation
         assert (row["full_epoch_s"] is None) == mode.endswith("-compile")
-        # The timed epoch is one pass over the 32 reviews, whatever the script's default number of epochs
-        assert row["epochs"] == 1 and row["optimizer_steps"] == 32 // row["batch_size"], (mode, row)
+        # The timed epoch is one pass over the 32 reviews, whatever the script's default number of epochs: a step
+        # per batch of 8 reviews in the notebook's recipe, a step per micro-batch filled to 32 x 128 tokens in
+        # the others (--batching tokens)
+        assert row["epochs"] == 1, (mode, row)
+        steps = 32 // 8 if mode == "naive" else row["micro_batches"]
+        assert row["optimizer_steps"] == steps and row["reviews_per_step"] == 32 / steps, (mode, row)
     assert report["modes"]["naive"]["batch_size"] == 8  # the Trainer's default, as in the notebook
-    assert report["modes"]["qlora"]["predict_reviews_per_s"] > 0
+    assert report["batching"] == "tokens"
+    qlora = report["modes"]["qlora"]
+    assert qlora["predict_reviews_per_s"] > 0 and qlora["evaluation_reviews_per_s"] > 0 and qlora["shell_predict_s"] > 0
+    # Each target this run can measure, judged; on a CPU the GPU-only ones are not met
+    judged = {t["target"]: t["met"] for t in report["targets"]}
+    assert len(judged) == 6 and not judged["shell predict of two texts in at most 8 s on a GPU"]
     assert set(report["ratios"]) == {f"{q}_vs_{m}" for q in ("qlora", "qlora-compile")
                                      for m in ("naive", "lora", "full", "lora-compile")}
     assert "| qlora |" in result.stdout and "| naive |" in result.stdout

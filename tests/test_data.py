@@ -84,6 +84,62 @@ def test_tokenize_truncates_and_leaves_padding_to_the_batch(tiny_bert):
     assert by_length["labels"] == [0, 1]
 
 
+def token_rows(lengths, labels=None):
+    from datasets import Dataset
+
+    return Dataset.from_dict({"input_ids": [list(range(1, n + 1)) for n in lengths],
+                              "labels": labels or [i % 2 for i in range(len(lengths))]})
+
+
+def test_batch_by_tokens_fills_micro_batches_to_the_budget_and_keeps_every_text_once():
+    import random
+
+    import torch
+
+    lengths = [random.Random(i).randint(3, 128) for i in range(300)]
+    data = token_rows(lengths, labels=list(range(300)))  # the label names the text
+    gpu_like = peft_qlora.Runtime(torch.device("cpu"), "fp32", pad_multiple=64)
+    rows = peft_qlora.batch_by_tokens(data, max_tokens=8 * 128, runtime=gpu_like, seed=0)
+    seen = [label for row in rows for label in row["labels"]]
+    assert sorted(seen) == list(range(300)), "each text in exactly one micro-batch"
+    for row in rows:
+        texts = [lengths[label] for label in row["labels"]]
+        assert [len(ids) for ids in row["input_ids"]] == texts, "token ids travel with their labels"
+        assert len(texts) * gpu_like.padded(max(texts)) <= 8 * 128, "padded, a micro-batch fits the budget"
+    sizes = [len(row["labels"]) for row in rows]
+    assert max(sizes) == 8 * 128 // 64, "16 texts of up to 64 tokens, where 8 of 128 would fill the budget"
+    assert len(rows) < 300 / 8, "fewer steps than 8 texts a step"
+    again = peft_qlora.batch_by_tokens(data, 8 * 128, gpu_like, seed=0)
+    other = peft_qlora.batch_by_tokens(data, 8 * 128, gpu_like, seed=1)
+    assert again["labels"] == rows["labels"] and other["labels"] != rows["labels"], "texts of equal length: by seed"
+
+
+def test_collate_pads_micro_batch_rows_and_single_texts_alike(tiny_bert):
+    from transformers import AutoTokenizer, DataCollatorWithPadding
+
+    pad = DataCollatorWithPadding(AutoTokenizer.from_pretrained(tiny_bert))
+    rows = peft_qlora.batch_by_tokens(token_rows([2, 3, 5]), 100, peft_qlora.Runtime(None, "fp32"), seed=0)
+    from_rows = peft_qlora.collate(list(rows), pad)
+    single = peft_qlora.collate(list(token_rows([2, 3, 5])), pad)
+    for key in ("input_ids", "attention_mask", "labels"):
+        assert from_rows[key].tolist() == single[key].tolist()
+    assert single["attention_mask"].sum(1).tolist() == [2, 3, 5]
+
+
+def test_pad_batch_gives_what_the_tokenizer_pads(tiny_bert):
+    import torch
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    encoded = peft_qlora.encode(tokenizer, ["a good film", "a bad one " * 30, ""], 80, "head+tail")
+    for multiple in (None, 64):
+        ids, mask = peft_qlora.pad_batch(encoded, tokenizer.pad_token_id,
+                                         peft_qlora.Runtime(torch.device("cpu"), "fp32", pad_multiple=multiple))
+        expected = tokenizer.pad({"input_ids": encoded}, return_tensors="pt", pad_to_multiple_of=multiple)
+        assert ids.tolist() == expected["input_ids"].tolist() and mask.tolist() == expected["attention_mask"].tolist()
+        assert ids.dtype == mask.dtype == torch.long and ids.shape[1] == (128 if multiple else 80)
+
+
 @pytest.mark.parametrize("truncation, kept", [
     ("head", "one two three four five six seven eight nine ten eleven twelve thirteen fourteen"),
     ("tail", "seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen twenty"),
