@@ -48,6 +48,8 @@ def parse_args():
     p.add_argument("--model", help="a model folder to measure instead of the random bert-base-shaped one")
     p.add_argument("--batching", choices=["tokens", "texts"], help="peft_qlora.py's --batching for every mode but "
                    "naive (default: the script's)")
+    p.add_argument("--pad-multiple", type=int, help="pad batches to a multiple of this many tokens instead of the "
+                   "script's choice (64 on a GPU)")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=32, help="fixed-shape loop batch; the project's default too")
     p.add_argument("--steps", type=int, default=20, help="timed steps of the fixed-shape loop")
@@ -271,6 +273,8 @@ def main():
     epoch_texts = texts if args.epoch_reviews == "all" else texts[:int(args.epoch_reviews)]
     folder, config = make_model_folder(args.tiny, args.model)
     runtime = peft_qlora.decide_runtime("auto")
+    if args.pad_multiple:
+        runtime = dataclasses.replace(runtime, pad_multiple=args.pad_multiple)
     workdir = tempfile.mkdtemp(prefix="bench-run-")
     # One epoch: the timed epoch of every mode covers each review once
     cfg = peft_qlora.parse_args(["--model", folder, "--max-length", str(args.max_length), "--epochs", "1",
@@ -351,6 +355,7 @@ def report(rows, args, peak, runtime, epoch_reviews, all_reviews, cfg):
     device = peft_qlora.device_name(runtime)
     result = {"device": device, "precision": runtime.precision, "bf16_matmul_tflops": peak,
               "max_length": args.max_length, "batch_size": args.batch_size, "batching": cfg.batching,
+              "pad_multiple": runtime.pad_multiple,
               "model": args.model or ("tiny random BERT" if args.tiny else "random bert-base shape"),
               "epoch_reviews": epoch_reviews, "tiny": args.tiny, "versions": peft_qlora.versions(), "modes": rows,
               "command": " ".join(sys.argv)}

@@ -44,7 +44,7 @@ def main():
                                       os.path.join(cfg.output_dir, "checkpoints"),
                                       save_checkpoints=False)  # a comparison run: nothing to resume
     before = peft_qlora.evaluate(trainer, eval_ds, data.label_names, "Before training")
-    history, run = peft_qlora.train(trainer, resume=False, device=runtime.device)
+    history, run = peft_qlora.train(trainer, resume=False, device=runtime.device, texts=len(data.train))
     after = peft_qlora.evaluate(trainer, eval_ds, data.label_names, "After training")
     metrics = {"method": "full fine-tuning", "before": before, "after": after, "history": history,
                "label_names": data.label_names, "model": {"trainable_params": params, "total_params": params,
