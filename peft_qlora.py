@@ -20,6 +20,10 @@ From Python, in a notebook:
 
     from peft_qlora import predict
     predict("A wonderful film.")   # {'text': ..., 'neg_prob': 0.03, 'pos_prob': 0.97, 'label': 'pos'}
+
+    from peft_qlora import Classifier
+    classifier = Classifier.load("outputs/imdb_qlora/model")   # a model of your own to hold and call
+    classifier(["A wonderful film.", "A dull one."])
 """
 from __future__ import annotations
 
@@ -41,8 +45,9 @@ from typing import Any, NamedTuple
 log = logging.getLogger("peft_qlora")
 
 
-class UserError(Exception):
-    """Bad input. The command line prints the message, without a traceback, and exits with status 1."""
+class UserError(ValueError):
+    """Bad input. The command line prints the message, without a traceback, and exits with status 1; in Python it
+    is a ValueError, so `except ValueError` catches it."""
 
 
 def file_builder(path: str) -> str | None:
@@ -110,7 +115,8 @@ def _dropout(text: str) -> float:
 @dataclass
 class Config:
     # --- data ---
-    dataset: str = _opt("stanfordnlp/imdb", "dataset on the hub (or a local folder) with train and test splits")
+    dataset: str | None = _opt("stanfordnlp/imdb", "dataset on the hub (or a local folder) with train and test "
+                               "splits; not used with --train-file")
     train_file: str | None = _opt(None, "local csv, json/jsonl or parquet file to train on, instead of --dataset")
     eval_file: str | None = _opt(None, "local csv, json/jsonl or parquet file to evaluate on (with --train-file)")
     text_column: str = _opt("text", "column holding the texts")
@@ -147,8 +153,8 @@ class Config:
     batch_size: int = _opt(32, "texts per optimizer step on each process (GPU), of --max-length tokens with --batching "
                            "tokens; with N processes a step sees N times as many", type=_positive_int)
     batching: str = _opt("texts", "texts: --batch-size texts a step, as the notebook does; tokens: each micro-batch "
-                         "holds as many texts as fit --micro-batch-size x --max-length tokens once padded, so a step on "
-                         "short texts does as much work as one on long texts: faster epochs, fewer steps",
+                         "holds as many texts as fit --micro-batch-size x --max-length tokens once padded, so a step "
+                         "on short texts does as much work as one on long texts: faster epochs, fewer steps",
                          choices=["texts", "tokens"])
     micro_batch_size: int | None = _opt(None, "texts per forward pass; auto: as many of --batch-size as fit the "
                                         "GPU's memory at --max-length (measured), the rest by gradient accumulation",
@@ -181,6 +187,8 @@ class Config:
         """The checks that need no file and no framework, in one place; each names the flag and the fix."""
         if bool(self.train_file) != bool(self.eval_file):
             raise UserError("--train-file and --eval-file go together: give both, or neither to use --dataset")
+        if self.train_file:
+            self.dataset = None  # not used: metrics.json records the files instead
         for flag, path in (("--train-file", self.train_file), ("--eval-file", self.eval_file)):
             if path and file_builder(path) is None:
                 raise UserError(f"{flag} {path}: unknown file type; use .csv, .json, .jsonl or .parquet")
@@ -358,8 +366,8 @@ def choose_precision(requested: str) -> str:
 def attention_kernels(runtime: Runtime):
     """PyTorch's attention (SDPA) on a GPU without its cuDNN kernel, which it picks for padded batches on recent
     GPUs and which builds a plan for every new shape: the flash and memory-efficient kernels compute the same
-    attention, and a QLoRA step on real IMDb batches took 86.5 ms with them against 105 ms (bert-base shape, H100,
-    measured in issue 8). Nothing changes on the CPU."""
+    attention, and steps on real, padded batches were faster with them (benchmarks/NOTES.md). Nothing changes on
+    the CPU."""
     if runtime.device.type != "cuda":
         yield
         return
@@ -394,19 +402,24 @@ def check_output_dir(cfg: Config) -> None:
                         "or --overwrite to start over")
 
 
+def check_resume(cfg: Config, runtime: Runtime) -> None:
+    """A resumed run must have the interrupted one's settings (check_output_dir found its checkpoints)."""
+    if not cfg.resume:
+        return
+    with open(os.path.join(cfg.output_dir, "checkpoints", "run_config.json")) as f:
+        saved = json.load(f)
+    changed = {k for k, v in run_settings(cfg, runtime).items() if saved.get(k) != v}
+    if changed:
+        raise UserError("--resume continues a run with the same settings, but these differ from the "
+                        f"interrupted run's: {', '.join(sorted(changed))}")
+
+
 def prepare_output_dir(cfg: Config, runtime: Runtime) -> str:
-    """Readies OUTPUT_DIR/checkpoints for this run (check_output_dir has allowed it) and returns its path: a
-    resumed run must have the interrupted one's settings; a new one clears what --overwrite replaces and records
-    its settings. Every process checks (they see the same files); only the main one writes."""
+    """Readies OUTPUT_DIR/checkpoints for this run and returns its path: a new run clears what --overwrite
+    replaces and records its settings for --resume; a resumed run keeps what is there. Called once the model and
+    the data are ready, so that a run failing before leaves nothing behind. Only the main process writes."""
     checkpoints = os.path.join(cfg.output_dir, "checkpoints")
-    if cfg.resume:
-        with open(os.path.join(checkpoints, "run_config.json")) as f:
-            saved = json.load(f)
-        changed = {k for k, v in run_settings(cfg, runtime).items() if saved.get(k) != v}
-        if changed:
-            raise UserError("--resume continues a run with the same settings, but these differ from the "
-                            f"interrupted run's: {', '.join(sorted(changed))}")
-    elif runtime.is_main:
+    if not cfg.resume and runtime.is_main:
         shutil.rmtree(checkpoints, ignore_errors=True)
         os.makedirs(checkpoints)
         with open(os.path.join(checkpoints, "run_config.json"), "w") as f:
@@ -838,8 +851,7 @@ def build_model(cfg: Config, label_names: list[str], runtime: Runtime):
 def compile_layers(model) -> int:
     """torch.compile each of the model's repeated layers in place (regional compilation, as accelerate's
     compile_regions does; in place, so the saved weights keep their names): one compilation serves every layer,
-    so it costs seconds rather than minutes, and with dynamic shapes a new batch shape needs none. Returns how
-    many layers were compiled."""
+    and with dynamic shapes a new batch shape needs no new one. Returns how many layers were compiled."""
     import torch
 
     stacks = [m for m in model.modules()
@@ -1192,7 +1204,7 @@ def peak_memory(device) -> int:
 # Saving and charts
 
 
-def save(model, tokenizer, metrics: dict, model_dir: str) -> None:
+def save(model, tokenizer, metrics: dict, serving: dict, model_dir: str) -> None:
     """Writes to a temporary folder beside model_dir, then renames it into place: a crash never leaves a
     half-written model where predict() would load it, and an older model is replaced only by a whole one."""
     parent = os.path.dirname(os.path.abspath(model_dir))
@@ -1204,8 +1216,9 @@ def save(model, tokenizer, metrics: dict, model_dir: str) -> None:
     try:
         model.save_pretrained(staging)  # the LoRA adapter and the trained head, not the 4-bit base
         tokenizer.save_pretrained(staging)
-        with open(os.path.join(staging, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=2)
+        for name, content in (("metrics.json", metrics), (SERVING_FILE, serving)):
+            with open(os.path.join(staging, name), "w") as f:
+                json.dump(content, f, indent=2)
     except BaseException:
         shutil.rmtree(staging)
         raise
@@ -1308,23 +1321,120 @@ def confusion_chart(counts: list[list[int]], label_names: list[str]):
 # Prediction
 
 
-class Classifier(NamedTuple):
-    model: Any
-    tokenizer: Any
-    label_names: list[str]
-    max_length: int
-    truncation: str
-    runtime: Runtime
-    batch_size: int  # the evaluation batch the training run chose, unless predict() is given another
+SERVING_FILE = "serving.json"  # beside the adapter: what serving needs besides the weights
 
 
-# predict() keeps what it uses: the model main() trained in this process, and each saved folder it loaded.
-_CLASSIFIERS: dict[str, Classifier] = {}
-_TRAINED = "trained in this process"
+def serving_settings(cfg: Config, label_names: list[str], plan: BatchPlan, runtime: Runtime) -> dict:
+    """What a Classifier needs to serve the model as it was trained, written to SERVING_FILE."""
+    return {"label_names": label_names, "max_length": cfg.max_length, "truncation": cfg.truncation,
+            "batch_size": plan.eval_batch, "precision": runtime.precision}
 
 
-def make_classifier(model, tokenizer, label_names: list[str], max_length: int, truncation: str, runtime: Runtime,
-                    batch_size: int) -> Classifier:
+class Classifier:
+    """A trained model that classifies texts, loaded from the folder a training run saved:
+
+        classifier = Classifier.load("outputs/imdb_qlora/model")
+        classifier(["Loved it.", "Hated it."])   # [{'text': ..., 'neg_prob': ..., 'pos_prob': ..., 'label': ...}, ...]
+    """
+
+    def __init__(self, model, tokenizer, label_names: list[str], max_length: int, truncation: str,
+                 runtime: Runtime, batch_size: int):
+        self.model, self.tokenizer, self.runtime = model, tokenizer, runtime
+        self.label_names, self.max_length, self.truncation = label_names, max_length, truncation
+        self.batch_size = batch_size  # the evaluation batch the training run chose, unless a call gives another
+
+    @classmethod
+    def load(cls, model_dir: str) -> Classifier:
+        """The saved model, reloaded as it was trained and made ready to serve (serving_model), quietly: a
+        notebook's predict() prints nothing it did not ask for."""
+        with quiet_transformers():
+            model, tokenizer, settings, runtime = load_trained(model_dir)
+            return cls(serving_model(model, runtime), tokenizer, settings["label_names"], settings["max_length"],
+                       settings["truncation"], runtime, settings["batch_size"])
+
+    def __call__(self, texts: str | list[str], batch_size: int | None = None):
+        """One text (returns a dict) or a list of texts (returns a list of dicts), as predict()."""
+        items = texts_to_classify(texts)
+        results = []
+        for text, probs in zip(items, self.probabilities(items, batch_size)):
+            result = {"text": text}
+            result.update({f"{name}_prob": p for name, p in zip(self.label_names, probs)})
+            result["label"] = self.label_names[max(range(len(probs)), key=probs.__getitem__)]
+            results.append(result)
+        return results[0] if isinstance(texts, str) else results
+
+    def probabilities(self, texts: list[str], batch_size: int | None = None) -> list[list[float]]:
+        """Class probabilities for each text, in batches, truncated to the training length."""
+        import torch
+
+        batch_size = batch_size or self.batch_size
+        device = self.runtime.device
+        autocast = torch.autocast(device.type, dtype=self.runtime.dtype, enabled=self.runtime.precision != "fp32")
+        # Texts of similar length batch together with little padding; sorting by characters rather than tokens
+        # lets each batch be tokenised just before it runs
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+        def prepare(batch: list[int]):
+            encoded = encode(self.tokenizer, [texts[i] for i in batch], self.max_length, self.truncation)
+            tensors = pad_batch(encoded, self.tokenizer.pad_token_id, self.runtime)
+            return [t.pin_memory() for t in tensors] if device.type == "cuda" else tensors  # copies wait for nothing
+
+        logits = []
+        with torch.inference_mode(), autocast, attention_kernels(self.runtime):
+            for ids, mask in prepared_ahead(prepare, batches):
+                with explain_out_of_memory(f"predicting in batches of {batch_size}", "pass a smaller batch_size "
+                                           "(--batch-size in the shell)"):
+                    # The logits stay on the device: nothing here waits for the GPU to finish a batch
+                    logits.append(self.model(input_ids=ids.to(device, non_blocking=True),
+                                             attention_mask=mask.to(device, non_blocking=True)).logits.float())
+        probabilities: list = [None] * len(texts)
+        for i, p in zip(order, torch.cat(logits).softmax(-1).tolist()):
+            probabilities[i] = p
+        return probabilities
+
+
+def load_trained(model_dir: str, dequantized: bool = False):
+    """A saved model, reloaded as it was trained: the same 4-bit base, head size, label names and padding; with
+    dequantized=True its base turned into plain nn.Linear layers holding the same weights before the adapter goes
+    on (peft merges LoRA only into those). Returns (the peft model, its tokenizer, its serving settings, the
+    runtime)."""
+    import torch
+    from peft import PeftConfig, PeftModel
+
+    settings = read_serving_settings(model_dir)
+    runtime = decide_runtime("auto")
+    base = load_base_model(PeftConfig.from_pretrained(model_dir).base_model_name_or_path, settings["label_names"],
+                           runtime)
+    if dequantized:
+        base.dequantize(dtype=torch.float32)  # exact: fp32 holds every NF4 value
+    tokenizer = load_tokenizer(model_dir)  # as saved: with the padding token training chose
+    base.config.pad_token_id = tokenizer.pad_token_id
+    model = PeftModel.from_pretrained(base, model_dir)  # the adapter, and the trained head over the fp32 copy
+    if not dequantized:
+        prepare_4bit_layers(model)
+    return model, tokenizer, settings, runtime
+
+
+def read_serving_settings(model_dir: str) -> dict:
+    """SERVING_FILE of a saved model; for a folder saved before that file existed, the same read from its
+    metrics.json."""
+    path = os.path.join(model_dir, SERVING_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    metrics = os.path.join(model_dir, "metrics.json")
+    if not os.path.isfile(metrics):
+        raise UserError(f"no trained model in {model_dir}: train one with `python peft_qlora.py` "
+                        "(or point model_dir / --model-dir at the folder a run saved)")
+    with open(metrics) as f:
+        saved = json.load(f)
+    return {"label_names": saved["label_names"], "max_length": saved["config"]["max_length"],
+            "truncation": saved["config"]["truncation"], "precision": saved["precision"],
+            "batch_size": saved.get("batches", {}).get("eval_batch", DEFAULT_EVAL_BATCH)}
+
+
+def serving_model(model, runtime: Runtime):
     """A trained model made ready to serve: in evaluation mode and, where it fits, dequantized once.
 
     bitsandbytes turns each 4-bit weight back into the compute dtype at every call, then multiplies in that
@@ -1344,80 +1454,13 @@ def make_classifier(model, tokenizer, label_names: list[str], max_length: int, t
         model.dequantize(dtype=runtime.dtype)  # transformers swaps each Linear4bit for an nn.Linear holding the copy
         log.info("Serving with the 4-bit weights dequantized once to %s (%.0f MB)", DTYPES[runtime.precision],
                  weights * runtime.dtype.itemsize / 1e6)
-    return Classifier(model, tokenizer, label_names, max_length, truncation, runtime, batch_size)
-
-
-def load_trained(model_dir: str, dequantized: bool = False):
-    """A saved model, reloaded as it was trained: the same 4-bit base, head size, label names and padding; with
-    dequantized=True its base turned into plain nn.Linear layers holding the same weights before the adapter goes
-    on (peft merges LoRA only into those). Returns (the peft model, its tokenizer, the run's metrics.json, the
-    runtime)."""
-    import torch
-    from peft import PeftConfig, PeftModel
-
-    metrics_file = os.path.join(model_dir, "metrics.json")
-    if not os.path.isfile(metrics_file):
-        raise UserError(f"no trained model in {model_dir}: train one with `python peft_qlora.py` "
-                        "(or point model_dir / --model-dir at the folder a run saved)")
-    with open(metrics_file) as f:
-        saved = json.load(f)
-    runtime = decide_runtime("auto")
-    base = load_base_model(PeftConfig.from_pretrained(model_dir).base_model_name_or_path, saved["label_names"],
-                           runtime)
-    if dequantized:
-        base.dequantize(dtype=torch.float32)  # exact: fp32 holds every NF4 value
-    tokenizer = load_tokenizer(model_dir)  # as saved: with the padding token training chose
-    base.config.pad_token_id = tokenizer.pad_token_id
-    model = PeftModel.from_pretrained(base, model_dir)  # the adapter, and the trained head over the fp32 copy
-    if not dequantized:
-        prepare_4bit_layers(model)
-    return model, tokenizer, saved, runtime
-
-
-def load_classifier(model_dir: str) -> Classifier:
-    with quiet_transformers():  # a notebook's predict() prints nothing it did not ask for
-        model, tokenizer, saved, runtime = load_trained(model_dir)
-        return make_classifier(model, tokenizer, saved["label_names"], saved["config"]["max_length"],
-                               saved["config"]["truncation"], runtime,
-                               saved.get("batches", {}).get("eval_batch", DEFAULT_EVAL_BATCH))
-
-
-def classify(classifier: Classifier, texts: list[str], batch_size: int | None = None) -> list[list[float]]:
-    """Class probabilities for each text, in batches, truncated to the training length."""
-    import torch
-
-    model, tokenizer, runtime = classifier.model, classifier.tokenizer, classifier.runtime
-    batch_size = batch_size or classifier.batch_size
-    device = runtime.device
-    autocast = torch.autocast(device.type, dtype=runtime.dtype, enabled=runtime.precision != "fp32")
-    # Texts of similar length batch together with little padding; sorting by characters rather than tokens
-    # lets each batch be tokenised just before it runs
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
-
-    def prepare(batch: list[int]):
-        encoded = encode(tokenizer, [texts[i] for i in batch], classifier.max_length, classifier.truncation)
-        tensors = pad_batch(encoded, tokenizer.pad_token_id, runtime)
-        return [t.pin_memory() for t in tensors] if device.type == "cuda" else tensors  # copies that wait for nothing
-
-    logits = []
-    with torch.inference_mode(), autocast, attention_kernels(runtime):
-        for ids, mask in prepared_ahead(prepare, batches):
-            with explain_out_of_memory(f"predicting in batches of {batch_size}", "pass a smaller batch_size "
-                                       "(--batch-size in the shell)"):
-                # The logits stay on the device: nothing here waits for the GPU to finish a batch
-                logits.append(model(input_ids=ids.to(device, non_blocking=True),
-                                    attention_mask=mask.to(device, non_blocking=True)).logits.float())
-    probabilities: list = [None] * len(texts)
-    for i, p in zip(order, torch.cat(logits).softmax(-1).tolist()):
-        probabilities[i] = p
-    return probabilities
+    return model
 
 
 def pad_batch(encoded: list[list[int]], pad_id: int, runtime: Runtime):
     """(input_ids, attention_mask) tensors of these texts, padded on the right to the runtime's multiple: what
-    tokenizer.pad returns, built with numpy in one step instead of text by text in Python (9x faster for batches of
-    256 reviews on a 2-core CPU), as the GPU waits for it."""
+    tokenizer.pad returns, built with numpy in one step instead of text by text in Python, which is several times
+    slower (benchmarks/NOTES.md) while the GPU waits for it."""
     import numpy as np
     import torch
 
@@ -1443,48 +1486,53 @@ def prepared_ahead(prepare, batches: list, ahead: int = 2):
             yield pending.popleft().result()
 
 
-def predict(texts: str | list[str], model_dir: str | None = None, batch_size: int | None = None):
-    """Classify one text (returns a dict) or a list of texts (returns a list of dicts).
-
-    Each dict is {"text", "<name>_prob" for each class, "label"}; for IMDb {"text", "neg_prob", "pos_prob",
-    "label"} with label "neg" or "pos". Uses the model trained in this process if there is one, otherwise
-    loads the one saved in model_dir (default outputs/imdb_qlora/model) once and keeps it. Runs on a GPU if
-    there is one, else on the CPU, in batches of batch_size texts (default: the evaluation batch the training
-    run chose). Texts longer than the training --max-length are truncated; an empty text is classified like
-    any other (the model sees only its special tokens) and gets the model's prior guess.
-    """
-    single = isinstance(texts, str)
-    items = [texts] if single else list(texts)
+def texts_to_classify(texts) -> list[str]:
+    """The texts of one string or of a list (any iterable) of strings; a TypeError or ValueError that says what
+    predict() takes otherwise."""
+    try:
+        items = [texts] if isinstance(texts, str) else list(texts)
+    except TypeError:
+        raise TypeError(f"predict() takes a text or a list of texts, not {type(texts).__name__} {texts!r}") from None
     if not items:
         raise UserError("predict() needs at least one text")
     not_text = [t for t in items if not isinstance(t, str)]
     if not_text:
-        raise UserError(f"predict() takes strings; got {type(not_text[0]).__name__} {not_text[0]!r}")
-    classifier = classifier_for(model_dir)
-    results = []
-    for text, probs in zip(items, classify(classifier, items, batch_size)):
-        result = {"text": text}
-        result.update({f"{name}_prob": p for name, p in zip(classifier.label_names, probs)})
-        result["label"] = classifier.label_names[max(range(len(probs)), key=probs.__getitem__)]
-        results.append(result)
-    return results[0] if single else results
+        raise TypeError(f"predict() takes texts (str); got {type(not_text[0]).__name__} {not_text[0]!r} in the list")
+    return items
 
 
-def classifier_for(model_dir: str | None) -> Classifier:
-    """The model trained in this process if model_dir is not given and there is one, else the one saved in
-    model_dir (default outputs/imdb_qlora/model), loaded once and kept."""
-    if model_dir is None and _TRAINED in _CLASSIFIERS:
-        return _CLASSIFIERS[_TRAINED]
-    key = os.path.abspath(model_dir or DEFAULT_MODEL_DIR)
-    if key not in _CLASSIFIERS:
-        _CLASSIFIERS[key] = load_classifier(key)
-    return _CLASSIFIERS[key]
+def predict(texts: str | list[str], model_dir: str = DEFAULT_MODEL_DIR, batch_size: int | None = None):
+    """Classify one text (returns a dict) or a list of texts (returns a list of dicts).
+
+    Each dict is {"text", "<name>_prob" for each class, "label"}; for IMDb {"text", "neg_prob", "pos_prob",
+    "label"} with label "neg" or "pos". Loads the model saved in model_dir (default outputs/imdb_qlora/model) once
+    and keeps it until a new model is saved there (Classifier.load does the same without keeping it). Runs on a
+    GPU if there is one, else on the CPU, in batches of batch_size texts (default: the evaluation batch the
+    training run chose). Texts longer than the training --max-length are truncated; an empty text is classified
+    like any other (the model sees only its special tokens) and gets the model's prior guess.
+    """
+    texts_to_classify(texts)  # a wrong argument is reported before any model loads
+    return cached_classifier(model_dir)(texts, batch_size)
+
+
+def cached_classifier(model_dir: str) -> Classifier:
+    """Classifier.load(model_dir), kept for later calls while the folder holds the same saved model: a training
+    run that saves a new one there replaces the whole folder, so the adapter file's identity tells them apart."""
+    path = os.path.abspath(model_dir)
+    weights = os.path.join(path, "adapter_model.safetensors")
+    saved = os.stat(weights) if os.path.exists(weights) else None
+    return _load_once(path, (saved.st_ino, saved.st_mtime_ns) if saved else None)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_once(path: str, saved: tuple | None) -> Classifier:
+    return Classifier.load(path)
 
 
 PREDICT_CHUNK = 10_000  # rows read, classified and written at a time: the memory a file of any length takes
 
 
-def predict_file(path: str, output: str, text_column: str = "text", model_dir: str | None = None,
+def predict_file(path: str, output: str, text_column: str = "text", model_dir: str = DEFAULT_MODEL_DIR,
                  batch_size: int | None = None, chunk_rows: int = PREDICT_CHUNK) -> int:
     """Classifies every row of a csv, json/jsonl or parquet file into `output` (csv, JSON lines or parquet), in
     order, each row with its columns, the predicted label and each class's probability. Reads, classifies and
@@ -1497,7 +1545,7 @@ def predict_file(path: str, output: str, text_column: str = "text", model_dir: s
     if first is not None and text_column not in first:
         raise UserError(f"--file {path} has no column {text_column!r} (its columns: {', '.join(first)}); name the "
                         "right one with --text-column")
-    classifier = classifier_for(model_dir)
+    classifier = cached_classifier(model_dir)
     added = ["predicted_label", *(f"{name}_prob" for name in classifier.label_names)]
     staging = os.path.join(os.path.dirname(os.path.abspath(output)), f".{os.path.basename(output)}.partial")
     done = 0
@@ -1513,7 +1561,7 @@ def predict_file(path: str, output: str, text_column: str = "text", model_dir: s
                 if bad is not None:
                     raise UserError(f"--file {path}: row {done + bad} holds no text in {text_column!r} "
                                     f"({texts[bad]!r}); fill it in or drop the row")
-                probabilities = classify(classifier, texts, batch_size)
+                probabilities = classifier.probabilities(texts, batch_size)
                 table = pa.table(chunk).append_column(added[0], pa.array(
                     [classifier.label_names[max(range(len(p)), key=p.__getitem__)] for p in probabilities]))
                 for i, column in enumerate(added[1:]):
@@ -1592,11 +1640,11 @@ def export_merged(model_dir: str, out: str) -> str:
     import torch
 
     with quiet_transformers():
-        model, tokenizer, saved, _ = load_trained(model_dir, dequantized=True)
+        model, tokenizer, settings, _ = load_trained(model_dir, dequantized=True)
         merged = model.merge_and_unload()  # LoRA into the fp32 weights, the trained head in place of the new one
-        dtype = torch.bfloat16 if saved["precision"] == "bf16" else torch.float16  # fp16 for a T4
+        dtype = torch.bfloat16 if settings["precision"] == "bf16" else torch.float16  # fp16 for a T4
         merged.to(dtype)
-        tokenizer.model_max_length = saved["config"]["max_length"]  # where the pipeline truncates
+        tokenizer.model_max_length = settings["max_length"]  # where the pipeline truncates
         staging = tempfile.mkdtemp(prefix=".merged-", dir=os.path.dirname(os.path.abspath(out)))
         try:
             merged.save_pretrained(staging)
@@ -1606,10 +1654,10 @@ def export_merged(model_dir: str, out: str) -> str:
             shutil.rmtree(staging)
             raise
     log.info("Wrote %s: %s in %s with LoRA merged, labels %s", out, type(merged).__name__, str(dtype)[6:],
-             saved["label_names"])
-    if saved["config"]["truncation"] != "head":
+             settings["label_names"])
+    if settings["truncation"] != "head":
         log.info("pipeline(..., truncation=True) keeps the first %d tokens of a longer text; this model was trained "
-                 "on their %s", saved["config"]["max_length"], saved["config"]["truncation"])
+                 "on their %s", settings["max_length"], settings["truncation"])
     return out
 
 
@@ -1648,7 +1696,7 @@ def run(cfg: Config) -> dict:
 
         runtime = decide_runtime(cfg.precision)
         check_report_to(cfg.report_to)
-        checkpoints = prepare_output_dir(cfg, runtime)
+        check_resume(cfg, runtime)
         set_seed(cfg.seed)  # before the model: the new head and the LoRA matrices start from it
         model, tokenizer, model_info = build_model(cfg, data.label_names, runtime)
         plan = choose_batches(cfg, model, runtime)
@@ -1660,6 +1708,7 @@ def run(cfg: Config) -> dict:
                          if data.validation else None)
         weights = (balanced_class_weights(data.train["labels"], data.label_names)
                    if cfg.class_weights == "balanced" else None)
+        checkpoints = prepare_output_dir(cfg, runtime)
         trainer = make_trainer(model, tokenizer, train_ds, validation_ds or test_ds, cfg, runtime, plan, checkpoints,
                                class_weights=weights)
         with attention_kernels(runtime):
@@ -1680,10 +1729,9 @@ def run(cfg: Config) -> dict:
         if not runtime.is_main:  # the main process saves and draws for all
             return metrics
         model_dir = os.path.join(cfg.output_dir, "model")
-        save(model, tokenizer, metrics, model_dir)  # before the charts, so a plotting failure cannot lose it
+        # Before the charts, so a plotting failure cannot lose it
+        save(model, tokenizer, metrics, serving_settings(cfg, data.label_names, plan, runtime), model_dir)
         shutil.rmtree(checkpoints)  # the saved model supersedes them
-        _CLASSIFIERS[_TRAINED] = _CLASSIFIERS[os.path.abspath(model_dir)] = make_classifier(
-            model, tokenizer, data.label_names, cfg.max_length, cfg.truncation, runtime, plan.eval_batch)
     try:
         plot(metrics, cfg.images_dir)
     except OSError as e:

@@ -28,6 +28,14 @@ def test_string_labels_become_sorted_class_names(tmp_path):
         (r["review"], names.index(r["sentiment"])) for r in rows)
 
 
+def test_the_config_names_the_data_used(tmp_path):
+    """metrics.json records the config: with local files it names them, and no hub dataset."""
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a", "label": 0}])
+    local = config("--train-file", path, "--eval-file", path)
+    assert local.dataset is None and local.train_file == path
+    assert config().dataset == "stanfordnlp/imdb"
+
+
 def test_integer_labels_get_imdb_names_or_the_given_ones(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text("text,label\n" + "".join(f"t{i},{i % 3}\n" for i in range(9)))

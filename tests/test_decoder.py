@@ -39,9 +39,9 @@ def test_padding_changes_no_prediction_after_reloading(trained_decoder):
     batched = run_cli("predict", "--model-dir", model_dir, *TEXTS)  # one batch, padded to its longest text
     assert batched.returncode == 0, batched.stderr[-3000:]
     batched = json.loads(batched.stdout)
-    classifier = peft_qlora.load_classifier(str(model_dir))  # in this process, outside the CLI
+    classifier = peft_qlora.Classifier.load(str(model_dir))  # in this process, outside the CLI
     assert classifier.model.config.pad_token_id == classifier.tokenizer.pad_token_id is not None
-    alone = peft_qlora.classify(classifier, TEXTS, batch_size=1)  # no padding at all
+    alone = classifier.probabilities(TEXTS, batch_size=1)  # no padding at all
     for row, probs in zip(batched, alone):
         assert row["pos_prob"] == pytest.approx(probs[1], abs=1e-5)
     spread = max(p[1] for p in alone) - min(p[1] for p in alone)

@@ -44,7 +44,7 @@ def test_cli_trains_saves_and_draws(trained):
 
 
 def load_4bit(model_dir):
-    """The saved folder reloaded the way load_classifier starts: 4-bit base, adapter, prepared layers."""
+    """The saved folder reloaded the way Classifier.load starts: 4-bit base, adapter, prepared layers."""
     from peft import AutoPeftModelForSequenceClassification
 
     import peft_qlora
@@ -73,14 +73,15 @@ def test_serving_dequantizes_once_and_changes_no_probability(trained):
 
     texts = REVIEWS + imdb_sample("test", 40)[0]
     model = load_4bit(str(trained[0] / "model"))
-    tokenizer = peft_qlora.load_classifier(str(trained[0] / "model")).tokenizer
-    in_4bit = peft_qlora.classify(peft_qlora.Classifier(model.eval(), tokenizer, ["neg", "pos"], 128, "head+tail",
-                                                        cpu_runtime(), 16), texts)
-    classifier = peft_qlora.make_classifier(model, tokenizer, ["neg", "pos"], 128, "head+tail", cpu_runtime(), 16)
+    tokenizer = peft_qlora.Classifier.load(str(trained[0] / "model")).tokenizer
+    in_4bit = peft_qlora.Classifier(model.eval(), tokenizer, ["neg", "pos"], 128, "head+tail", cpu_runtime(),
+                                    16).probabilities(texts)
+    classifier = peft_qlora.Classifier(peft_qlora.serving_model(model, cpu_runtime()), tokenizer, ["neg", "pos"], 128,
+                                       "head+tail", cpu_runtime(), 16)
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in classifier.model.modules())
     query = classifier.model.base_model.model.bert.encoder.layer[0].attention.self.query
     assert type(query.base_layer) is torch.nn.Linear and query.base_layer.weight.dtype == torch.float32
-    assert peft_qlora.classify(classifier, texts, 16) == in_4bit, "bit for bit what the 4-bit layers compute"
+    assert classifier.probabilities(texts, 16) == in_4bit, "bit for bit what the 4-bit layers compute"
     head = classifier.model.base_model.model.classifier.modules_to_save["default"]
     assert type(head) is torch.nn.Linear and head.weight.dtype == torch.float32
     assert classifier.model.config.id2label == {0: "neg", 1: "pos"}
@@ -97,10 +98,11 @@ def test_a_model_too_large_to_copy_is_served_in_4bit(trained, monkeypatch):
     # No machine here runs short of memory: report 64 kB free, less than the 262 kB fp32 copy would take
     monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=2**16))
     model = load_4bit(str(trained[0] / "model"))
-    tokenizer = peft_qlora.load_classifier(str(trained[0] / "model")).tokenizer
-    classifier = peft_qlora.make_classifier(model, tokenizer, ["neg", "pos"], 128, "head+tail", cpu_runtime(), 16)
-    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in classifier.model.modules()) == 12
-    assert len(peft_qlora.classify(classifier, REVIEWS, 16)) == len(REVIEWS)
+    served = peft_qlora.serving_model(model, cpu_runtime())
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in served.modules()) == 12
+    tokenizer = peft_qlora.Classifier.load(str(trained[0] / "model")).tokenizer
+    classifier = peft_qlora.Classifier(served, tokenizer, ["neg", "pos"], 128, "head+tail", cpu_runtime(), 16)
+    assert len(classifier.probabilities(REVIEWS, 16)) == len(REVIEWS)
 
 
 def test_predict_from_the_shell_prints_json(trained):
@@ -114,13 +116,16 @@ def test_predict_from_the_shell_prints_json(trained):
         assert row["label"] == ("pos" if row["pos_prob"] > row["neg_prob"] else "neg")
 
 
-def test_predict_in_a_fresh_process_matches_the_model_in_memory(tiny_bert, data_files, tmp_path):
+def test_predict_here_and_in_a_fresh_process_agree_and_follow_a_new_model(tiny_bert, data_files, tmp_path):
+    """predict() keeps the model it loaded, and loads afresh once a training run saves a new one in its place."""
     import peft_qlora
 
     assert peft_qlora.main(train_args(tiny_bert, data_files, tmp_path)) == 0
+    model_dir = str(tmp_path / "model")
     texts = REVIEWS + imdb_sample("test", 40)[0]  # more than one batch of 32 in the shell
-    in_memory = peft_qlora.predict(texts)
-    single = peft_qlora.predict(texts[0])  # one string in, one dict out
+    in_memory = peft_qlora.predict(texts, model_dir=model_dir)
+    assert peft_qlora.cached_classifier(model_dir) is peft_qlora.cached_classifier(model_dir), "loaded once"
+    single = peft_qlora.predict(texts[0], model_dir)  # one string in, one dict out
     assert single == {**in_memory[0], "neg_prob": pytest.approx(in_memory[0]["neg_prob"], abs=1e-6),
                       "pos_prob": pytest.approx(in_memory[0]["pos_prob"], abs=1e-6)}
 
@@ -132,6 +137,12 @@ def test_predict_in_a_fresh_process_matches_the_model_in_memory(tiny_bert, data_
         assert a["pos_prob"] == pytest.approx(b["pos_prob"], abs=1e-6)
     spread = max(r["pos_prob"] for r in fresh) - min(r["pos_prob"] for r in fresh)
     assert spread > 1e-3, "the texts get different probabilities, so matching them means something"
+
+    assert peft_qlora.main(train_args(tiny_bert, data_files, tmp_path, "--overwrite", "--seed", "7")) == 0
+    retrained = [r["pos_prob"] for r in peft_qlora.predict(texts, model_dir)]
+    assert retrained == pytest.approx([p[1] for p in peft_qlora.Classifier.load(model_dir).probabilities(texts)],
+                                      abs=1e-6)
+    assert retrained != [r["pos_prob"] for r in in_memory], "the new model, not the one loaded before"
 
 
 def test_compile_trains_the_same_model_and_saves_it_loadable(trained, tiny_bert, data_files, tmp_path):
@@ -145,6 +156,7 @@ def test_compile_trains_the_same_model_and_saves_it_loadable(trained, tiny_bert,
     assert compiled["before"]["loss"] == pytest.approx(eager["before"]["loss"], rel=1e-5)
     assert compiled["before"]["accuracy"] == eager["before"]["accuracy"]
     assert [h["epoch"] for h in compiled["history"]] == [1, 2] and compiled["config"]["compile"] is True
+    assert "Compiling 2 layers with torch.compile" in result.stderr, "each of the tiny BERT's layers, in place"
     result = run_cli("predict", "--model-dir", out / "model", *REVIEWS)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(json.loads(result.stdout)) == len(REVIEWS)

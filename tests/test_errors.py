@@ -86,7 +86,7 @@ def test_bad_input_is_reported_in_one_line(case, tmp_path, good_csv, tiny_bert, 
     assert status != 0
     for text in expected:
         assert text in said, said[-2000:]
-    assert not (tmp_path / "out" / "model").exists()
+    assert not (tmp_path / "out").exists(), "a run that fails before training leaves nothing behind"
 
 
 @pytest.mark.parametrize("case", ["zero epochs", "missing column", "missing model folder"])
@@ -105,14 +105,20 @@ def test_predict_without_a_trained_model_says_how_to_train(tmp_path):
     assert "no trained model" in result.stderr and "python peft_qlora.py" in result.stderr
 
 
-def test_predict_rejects_nothing_and_non_strings(tmp_path):
+def test_predict_rejects_nothing_and_non_strings_with_pythons_exceptions(tmp_path):
+    """A wrong type is a TypeError and a wrong value a ValueError (the script's UserError is one), so a notebook's
+    `except ValueError` or `except TypeError` catches them; each says what predict() takes."""
     import peft_qlora
 
-    with pytest.raises(peft_qlora.UserError, match="at least one text"):
+    with pytest.raises(ValueError, match="at least one text") as empty:
         peft_qlora.predict([])
-    with pytest.raises(peft_qlora.UserError, match="takes strings; got int"):
+    assert isinstance(empty.value, peft_qlora.UserError)
+    for wrong, shown in ((123, "int 123"), (None, "NoneType None")):
+        with pytest.raises(TypeError, match=f"takes a text or a list of texts, not {shown}"):
+            peft_qlora.predict(wrong)
+    with pytest.raises(TypeError, match=r"takes texts \(str\); got int 3 in the list"):
         peft_qlora.predict(["fine", 3])
-    with pytest.raises(peft_qlora.UserError, match="no trained model"):
+    with pytest.raises(ValueError, match="no trained model"):
         peft_qlora.predict("fine", model_dir=str(tmp_path))
 
 

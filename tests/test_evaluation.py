@@ -53,7 +53,7 @@ def test_a_validation_split_keeps_the_best_epoch_and_logs_to_tensorboard(tiny_be
     # The saved model is the kept epoch's: it scores that epoch's validation loss on the held-out texts
     cfg = peft_qlora.parse_args(train_args(tiny_bert, data_files, tmp_path) + ["--validation-size", "0.25"])
     validation = peft_qlora.load_data(cfg).validation
-    probabilities = peft_qlora.classify(peft_qlora.load_classifier(str(tmp_path / "model")), validation["text"])
+    probabilities = peft_qlora.Classifier.load(str(tmp_path / "model")).probabilities(validation["text"])
     loss = -sum(math.log(p[y]) for p, y in zip(probabilities, validation["labels"])) / len(validation)
     assert loss == pytest.approx(history[best - 1]["loss"], abs=1e-4)
 

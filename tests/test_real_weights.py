@@ -31,14 +31,14 @@ def test_training_lifts_accuracy_and_the_saved_model_predicts_the_same(tmp_path)
     assert saved["after"]["accuracy"] - saved["before"]["accuracy"] >= 0.15, saved["history"]
 
     # The checkpoint is fp16 and has no label names: a naive reload came back in fp16 with LABEL_0/LABEL_1.
-    reloaded = peft_qlora.load_classifier(str(tmp_path / "model"))  # a fresh load, outside predict()'s cache
+    reloaded = peft_qlora.Classifier.load(str(tmp_path / "model"))  # a fresh load, outside predict()'s cache
     assert reloaded.label_names == ["neg", "pos"]
     assert reloaded.model.config.id2label == {0: "neg", 1: "pos"}
     assert reloaded.model.base_model.model.bert.embeddings.word_embeddings.weight.dtype == torch.float32
     texts = imdb_sample("test", 24)[0]
-    in_memory = peft_qlora.predict(texts)
-    fresh = peft_qlora.classify(reloaded, texts, batch_size=64)
-    for row, probs in zip(in_memory, fresh):
+    predicted = peft_qlora.predict(texts, model_dir=str(tmp_path / "model"))
+    fresh = reloaded.probabilities(texts, batch_size=64)
+    for row, probs in zip(predicted, fresh):
         assert row["neg_prob"] == pytest.approx(probs[0], abs=1e-5)
         assert row["pos_prob"] == pytest.approx(probs[1], abs=1e-5)
 
@@ -57,5 +57,5 @@ def test_training_lifts_accuracy_and_the_saved_model_predicts_the_same(tmp_path)
                              str(merged), json.dumps(texts)], capture_output=True, text=True, timeout=600,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert served.returncode == 0, served.stderr[-3000:]
-    for got, row in zip(json.loads(served.stdout), in_memory):
+    for got, row in zip(json.loads(served.stdout), predicted):
         assert got["pos"] == pytest.approx(row["pos_prob"], abs=1e-3)
