@@ -518,8 +518,10 @@ def read_file(path: str, flag: str):
 def read_hub_dataset(name: str) -> dict:
     from datasets import load_dataset
 
+    log.info("Loading dataset %s", name)
     try:
-        ds = load_dataset(name)
+        with quiet_hub():
+            ds = load_dataset(name)
     except Exception as e:  # network, hub and format errors all mean "cannot load this"
         raise UserError(f"cannot load dataset {name!r} ({type(e).__name__}: {e}). The hub may be unreachable: "
                         "--train-file and --eval-file take local csv, json/jsonl or parquet files") from e
@@ -680,10 +682,25 @@ def load_tokenizer(source: str):
 
 
 @contextlib.contextmanager
+def quiet_hub():
+    """huggingface_hub without its notices, each retry of an unreachable hub among them (printed twice, 24 lines
+    before the error that says what to do). The caller's setting is restored afterwards."""
+    from huggingface_hub.utils import logging as hub_logging
+
+    verbosity = hub_logging.get_verbosity()
+    hub_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hub_logging.set_verbosity(verbosity)
+
+
+@contextlib.contextmanager
 def quiet_transformers():
     """transformers and peft at work without their notices: the load report listing a new head as missing
     (load_base_model says what matters), the weight-loading bars, deprecation warnings that peft triggers in
-    transformers, the dequantization notice. The caller's settings are restored afterwards."""
+    transformers, the dequantization notice, huggingface_hub's retries. The caller's settings are restored
+    afterwards."""
     import warnings
 
     from transformers.utils import logging as hf_logging
@@ -692,7 +709,7 @@ def quiet_transformers():
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), quiet_hub():
             warnings.simplefilter("ignore", FutureWarning)
             yield
     finally:

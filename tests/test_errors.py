@@ -1,7 +1,9 @@
 """Every bad input ends with a clear message and a non-zero exit status, never a traceback."""
+import os
+
 import pytest
 
-from conftest import run_cli, run_main, train_args
+from conftest import SCRIPT, run_cli, run_main, train_args
 
 
 def write(path, text):
@@ -97,6 +99,24 @@ def test_a_real_process_exits_with_the_message_and_no_traceback(case, tmp_path, 
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
     for text in expected:
         assert text in result.stderr, result.stderr[-2000:]
+
+
+def test_no_hub_and_no_arguments_ends_in_one_line_and_leaves_nothing(tmp_path):
+    """A user without network who types `python peft_qlora.py`: huggingface_hub's retry notices stay quiet (they
+    came twice each, 24 lines), the error says what to do, and no folder is left behind. The hub is pointed at a
+    closed local port, so this holds on a machine with network too; it waits out the hub's retries (~25 s)."""
+    import subprocess
+    import sys
+
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**{k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}, "HF_ENDPOINT": "http://127.0.0.1:9",
+           "HF_HOME": str(tmp_path / "hf-home")}  # no cached copy of IMDb to fall back on
+    result = subprocess.run([sys.executable, SCRIPT], cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "cannot load dataset 'stanfordnlp/imdb'" in result.stderr and "--train-file" in result.stderr
+    assert "Retry" not in result.stderr and len(result.stderr.splitlines()) == 2, result.stderr
+    assert list(work.iterdir()) == []
 
 
 def test_predict_without_a_trained_model_says_how_to_train(tmp_path):
