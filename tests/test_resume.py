@@ -98,6 +98,6 @@ def test_a_failed_save_leaves_the_previous_model_whole(tiny_bert, data_files, tm
     assert peft_qlora.main(train_args(tiny_bert, data_files, tmp_path)) == 0
     before = {p.name: p.read_bytes() for p in (tmp_path / "model").iterdir()}
     with pytest.raises(OSError, match="No space left"):
-        peft_qlora.save(FailingModel(), AutoTokenizer.from_pretrained(tiny_bert), {}, str(tmp_path / "model"))
+        peft_qlora.save(FailingModel(), AutoTokenizer.from_pretrained(tiny_bert), {}, {}, str(tmp_path / "model"))
     assert {p.name: p.read_bytes() for p in (tmp_path / "model").iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "model"], "the half-written copy is gone"
