@@ -1578,11 +1578,10 @@ def predict_file(path: str, output: str, text_column: str = "text", model_dir: s
                 if bad is not None:
                     raise UserError(f"--file {path}: row {done + bad} holds no text in {text_column!r} "
                                     f"({texts[bad]!r}); fill it in or drop the row")
-                probabilities = classifier.probabilities(texts, batch_size)
-                table = pa.table(chunk).append_column(added[0], pa.array(
-                    [classifier.label_names[max(range(len(p)), key=p.__getitem__)] for p in probabilities]))
-                for i, column in enumerate(added[1:]):
-                    table = table.append_column(column, pa.array([p[i] for p in probabilities], pa.float64()))
+                rows = classifier(texts, batch_size)  # a dict per text: its label and each class's probability
+                table = pa.table(chunk).append_column(added[0], pa.array([row["label"] for row in rows]))
+                for name, column in zip(classifier.label_names, added[1:]):
+                    table = table.append_column(column, pa.array([row[f"{name}_prob"] for row in rows], pa.float64()))
                 writer.write(table)
                 done += len(texts)
                 bar.update(len(texts))

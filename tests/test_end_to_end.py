@@ -73,7 +73,7 @@ def test_serving_dequantizes_once_and_changes_no_probability(trained):
 
     texts = REVIEWS + imdb_sample("test", 40)[0]
     model = load_4bit(str(trained[0] / "model"))
-    tokenizer = peft_qlora.Classifier.load(str(trained[0] / "model")).tokenizer
+    tokenizer = peft_qlora.load_tokenizer(str(trained[0] / "model"))  # as saved
     in_4bit = peft_qlora.Classifier(model.eval(), tokenizer, ["neg", "pos"], 128, "head+tail", cpu_runtime(),
                                     16).probabilities(texts)
     classifier = peft_qlora.Classifier(peft_qlora.serving_model(model, cpu_runtime()), tokenizer, ["neg", "pos"], 128,
@@ -85,6 +85,21 @@ def test_serving_dequantizes_once_and_changes_no_probability(trained):
     head = classifier.model.base_model.model.classifier.modules_to_save["default"]
     assert type(head) is torch.nn.Linear and head.weight.dtype == torch.float32
     assert classifier.model.config.id2label == {0: "neg", 1: "pos"}
+
+
+def test_a_folder_saved_before_serving_json_serves_with_the_same_settings(trained, tmp_path):
+    """Models trained before serving.json existed keep serving: the same settings come from their metrics.json."""
+    import shutil
+
+    import peft_qlora
+
+    old = tmp_path / "old-model"
+    shutil.copytree(trained[0] / "model", old)
+    (old / peft_qlora.SERVING_FILE).unlink()
+    saved = peft_qlora.read_serving_settings(str(trained[0] / "model"))
+    assert peft_qlora.read_serving_settings(str(old)) == saved
+    assert saved == {"label_names": ["neg", "pos"], "max_length": 64, "truncation": "head+tail",
+                     "batch_size": 256, "precision": "fp32"}
 
 
 def test_a_model_too_large_to_copy_is_served_in_4bit(trained, monkeypatch):
@@ -100,7 +115,7 @@ def test_a_model_too_large_to_copy_is_served_in_4bit(trained, monkeypatch):
     model = load_4bit(str(trained[0] / "model"))
     served = peft_qlora.serving_model(model, cpu_runtime())
     assert sum(isinstance(m, bnb.nn.Linear4bit) for m in served.modules()) == 12
-    tokenizer = peft_qlora.Classifier.load(str(trained[0] / "model")).tokenizer
+    tokenizer = peft_qlora.load_tokenizer(str(trained[0] / "model"))  # as saved
     classifier = peft_qlora.Classifier(served, tokenizer, ["neg", "pos"], 128, "head+tail", cpu_runtime(), 16)
     assert len(classifier.probabilities(REVIEWS, 16)) == len(REVIEWS)
 
