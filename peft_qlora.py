@@ -112,6 +112,9 @@ def _dropout(text: str) -> float:
     return value
 
 
+MODEL_FOLDER = "model"  # inside --output-dir: where the trained model is saved, and predict() looks
+
+
 @dataclass
 class Config:
     # --- data ---
@@ -204,9 +207,30 @@ class Config:
                             "training texts, never on the test texts")
         if self.lora_targets and "all-linear" in self.lora_targets and len(self.lora_targets) > 1:
             raise UserError("--lora-targets all-linear stands alone: it already names every 4-bit layer")
+        if os.path.isfile(self.model):
+            raise UserError(f"--model {self.model} is a file: give the folder holding its config.json, weights and "
+                            "tokenizer files")
+        # A hub name is NAME or ORG/NAME; anything else is a folder, which must exist (the hub would only say the
+        # name is invalid, after its retries)
+        if not os.path.exists(self.model) and (os.path.isabs(self.model) or self.model.startswith((".", "~"))
+                                               or self.model.count("/") > 1):
+            raise UserError(f"--model {self.model}: no such folder (a hub model is named NAME or ORG/NAME)")
+
+    @property
+    def model_source(self) -> str:
+        """--model as from_pretrained gets it: a local folder made absolute, as the adapter records it."""
+        return os.path.abspath(self.model) if os.path.isdir(self.model) else self.model
+
+    @property
+    def model_dir(self) -> str:
+        return os.path.join(self.output_dir, MODEL_FOLDER)
+
+    @property
+    def checkpoints_dir(self) -> str:
+        return os.path.join(self.output_dir, "checkpoints")
 
 
-DEFAULT_MODEL_DIR = os.path.join(Config.output_dir, "model")
+DEFAULT_MODEL_DIR = os.path.join(Config.output_dir, MODEL_FOLDER)
 # What trains besides LoRA, so it stays out of 4-bit and is saved with the adapter: the new classification head
 # (score for decoder LLMs), and BERT's pooler, the dense layer between the encoder and BERT's one-layer head
 # (RoBERTa's and DistilBERT's heads hold such a layer themselves). Training the pooler too closed most of the gap
@@ -340,20 +364,20 @@ def decide_runtime(requested_precision: str) -> Runtime:
     device = state.device
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    return Runtime(device, choose_precision(requested_precision), state.process_index, state.num_processes,
+    return Runtime(device, choose_precision(requested_precision, device), state.process_index, state.num_processes,
                    pad_multiple=64 if device.type == "cuda" else None)
 
 
-def choose_precision(requested: str) -> str:
+def choose_precision(requested: str, device) -> str:
     """bf16 where the GPU computes it natively (compute capability 8.0+), fp16 on older GPUs, fp32 on the CPU."""
     import torch
 
-    if not torch.cuda.is_available():
+    if device.type != "cuda":
         if requested in ("bf16", "fp16"):
             raise UserError(f"--precision {requested} needs a CUDA GPU and none is visible; "
                             "on the CPU use --precision fp32 (what auto picks)")
         return "fp32"
-    major, minor = torch.cuda.get_device_capability()
+    major, minor = torch.cuda.get_device_capability(device)
     if requested == "auto":
         return "bf16" if major >= 8 else "fp16"
     if requested == "bf16" and major < 8:
@@ -388,37 +412,32 @@ def has_checkpoints(checkpoints: str) -> bool:
     return os.path.isdir(checkpoints) and any(name.startswith("checkpoint-") for name in os.listdir(checkpoints))
 
 
-def check_output_dir(cfg: Config) -> None:
-    """Refuses to overwrite what an earlier run trained, or to start over an interrupted one unasked."""
-    model_dir = os.path.join(cfg.output_dir, "model")
-    checkpoints = os.path.join(cfg.output_dir, "checkpoints")
-    if os.path.exists(model_dir) and not cfg.overwrite:
-        raise UserError(f"{model_dir} already holds a trained model: pass --overwrite to replace it once the new "
+def check_output_dir(cfg: Config, runtime: Runtime) -> None:
+    """Refuses to overwrite what an earlier run trained, to start over an interrupted run unasked, or to resume one
+    with other settings. Writes nothing: prepare_output_dir does, once the run is ready to train."""
+    checkpoints = cfg.checkpoints_dir
+    if os.path.exists(cfg.model_dir) and not cfg.overwrite:
+        raise UserError(f"{cfg.model_dir} already holds a trained model: pass --overwrite to replace it once the new "
                         "one is saved, or choose another --output-dir")
     if cfg.resume and not has_checkpoints(checkpoints):
         raise UserError(f"--resume found no checkpoint in {checkpoints}: run without --resume to start afresh")
     if not cfg.resume and has_checkpoints(checkpoints) and not cfg.overwrite:
         raise UserError(f"{checkpoints} holds checkpoints of an interrupted run: pass --resume to continue it, "
                         "or --overwrite to start over")
-
-
-def check_resume(cfg: Config, runtime: Runtime) -> None:
-    """A resumed run must have the interrupted one's settings (check_output_dir found its checkpoints)."""
-    if not cfg.resume:
-        return
-    with open(os.path.join(cfg.output_dir, "checkpoints", "run_config.json")) as f:
-        saved = json.load(f)
-    changed = {k for k, v in run_settings(cfg, runtime).items() if saved.get(k) != v}
-    if changed:
-        raise UserError("--resume continues a run with the same settings, but these differ from the "
-                        f"interrupted run's: {', '.join(sorted(changed))}")
+    if cfg.resume:
+        with open(os.path.join(checkpoints, "run_config.json")) as f:
+            saved = json.load(f)
+        changed = {k for k, v in run_settings(cfg, runtime).items() if saved.get(k) != v}
+        if changed:
+            raise UserError("--resume continues a run with the same settings, but these differ from the "
+                            f"interrupted run's: {', '.join(sorted(changed))}")
 
 
 def prepare_output_dir(cfg: Config, runtime: Runtime) -> str:
     """Readies OUTPUT_DIR/checkpoints for this run and returns its path: a new run clears what --overwrite
     replaces and records its settings for --resume; a resumed run keeps what is there. Called once the model and
     the data are ready, so that a run failing before leaves nothing behind. Only the main process writes."""
-    checkpoints = os.path.join(cfg.output_dir, "checkpoints")
+    checkpoints = cfg.checkpoints_dir
     if not cfg.resume and runtime.is_main:
         shutil.rmtree(checkpoints, ignore_errors=True)
         os.makedirs(checkpoints)
@@ -719,10 +738,11 @@ def quiet_transformers():
 
 
 def load_pretrained(auto_class, source: str, **kwargs):
-    """from_pretrained, with a missing model or an unreachable hub reported as the user's to fix."""
+    """from_pretrained, with a missing model, a folder without one or an unreachable hub reported as the user's to
+    fix."""
     try:
         return auto_class.from_pretrained(source, **kwargs)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a config.json without a model_type, among others
         raise UserError(f"cannot load model {source!r}: {e}\nThe hub may be unreachable: --model also takes a local "
                         "folder with config.json, the weights and the tokenizer files") from e
 
@@ -756,16 +776,29 @@ def trainable_heads(model) -> dict:
     return heads
 
 
-def load_base_model(source: str, label_names: list[str], runtime: Runtime):
-    """The base model in 4-bit NF4, with a classification head for these labels that trains in fp32."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+def check_model(cfg: Config):
+    """--model checked from its config and tokenizer, before its weights load (and before the output folder is,
+    so that this mistake is not hidden behind --overwrite): transformers has a sequence-classification class for
+    it, and it reads --max-length tokens. Returns its tokenizer."""
+    from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
 
-    config = load_pretrained(AutoConfig, source)
+    config = load_pretrained(AutoConfig, cfg.model_source)
     if type(config) not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING:
-        raise UserError(f"{source} is a {config.model_type!r} model, for which transformers has no sequence-"
+        raise UserError(f"{cfg.model} is a {config.model_type!r} model, for which transformers has no sequence-"
                         "classification class: choose a --model that AutoModelForSequenceClassification loads "
                         "(BERT, RoBERTa, DistilBERT, Llama, Mistral, Qwen2, Gemma, ...)")
+    tokenizer = load_tokenizer(cfg.model_source)
+    positions = min(tokenizer.model_max_length, getattr(config, "max_position_embeddings", None) or 10**9)
+    if cfg.max_length > positions:
+        raise UserError(f"--max-length {cfg.max_length} is more than {cfg.model} reads ({positions} tokens)")
+    return tokenizer
+
+
+def load_base_model(source: str, label_names: list[str], runtime: Runtime):
+    """The base model in 4-bit NF4, with a classification head for these labels that trains in fp32."""
+    from transformers import AutoModelForSequenceClassification
+
     model, loading = load_pretrained(AutoModelForSequenceClassification, source, output_loading_info=True,
                                      **quantized_load_kwargs(label_names, runtime))
     # transformers' own report (quieted) lists the new head as missing; only other missing weights are news
@@ -817,18 +850,13 @@ def autocast_input(module, args: tuple):
     return None
 
 
-def build_model(cfg: Config, label_names: list[str], runtime: Runtime):
-    """QLoRA: 4-bit base, frozen, LoRA adapters, trainable head. Returns (model, tokenizer, info)."""
+def build_model(cfg: Config, tokenizer, label_names: list[str], runtime: Runtime):
+    """QLoRA: 4-bit base, frozen, LoRA adapters, trainable head. Returns (model, info)."""
     from peft import LoraConfig, TaskType, get_peft_model
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
 
-    source = os.path.abspath(cfg.model) if os.path.isdir(cfg.model) else cfg.model  # the adapter records this path
-    model = load_base_model(source, label_names, runtime)
-    tokenizer = load_tokenizer(source)
+    model = load_base_model(cfg.model_source, label_names, runtime)
     model.config.pad_token_id = tokenizer.pad_token_id  # where a decoder's head finds each text's last token
-    positions = min(tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", None) or 10**9)
-    if cfg.max_length > positions:
-        raise UserError(f"--max-length {cfg.max_length} is more than {cfg.model} reads ({positions} tokens)")
     # peft's prepare_model_for_kbit_training would freeze the base too, but it upcasts every weight that is not
     # 4-bit to fp32 (twice the memory for a frozen embedding); here only what trains is fp32. Gradient
     # checkpointing is the Trainer's, when plan_batches asks for it.
@@ -862,7 +890,7 @@ def build_model(cfg: Config, label_names: list[str], runtime: Runtime):
     log.info("Trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     log.info("Model memory: %.1f MB in 4-bit vs %.1f MB in fp32 (%.0f%% smaller)", info["memory_4bit_bytes"] / 1e6,
              info["memory_fp32_bytes"] / 1e6, 100 * (1 - info["memory_4bit_bytes"] / info["memory_fp32_bytes"]))
-    return model, tokenizer, info
+    return model, info
 
 
 def compile_layers(model) -> int:
@@ -1704,17 +1732,18 @@ def device_name(runtime: Runtime) -> str:
 
 def run(cfg: Config) -> dict:
     """The whole workflow; returns what it saved in metrics.json."""
-    # The data and the output folder first: their mistakes are reported in seconds, before the frameworks load
+    # Every check before the model's weights load: the data's first (datasets only), then what transformers and
+    # the model's config tell; the output folder's last, so that it hides none of the others
     data = load_data(cfg)
-    check_output_dir(cfg)
     with quiet_transformers():
         from transformers import set_seed
 
         runtime = decide_runtime(cfg.precision)
         check_report_to(cfg.report_to)
-        check_resume(cfg, runtime)
+        tokenizer = check_model(cfg)
+        check_output_dir(cfg, runtime)
         set_seed(cfg.seed)  # before the model: the new head and the LoRA matrices start from it
-        model, tokenizer, model_info = build_model(cfg, data.label_names, runtime)
+        model, model_info = build_model(cfg, tokenizer, data.label_names, runtime)
         plan = choose_batches(cfg, model, runtime)
         if cfg.compile:
             compile_layers(model)
@@ -1744,14 +1773,13 @@ def run(cfg: Config) -> dict:
                        versions=versions())
         if not runtime.is_main:  # the main process saves and draws for all
             return metrics
-        model_dir = os.path.join(cfg.output_dir, "model")
         # Before the charts, so a plotting failure cannot lose it
-        save(model, tokenizer, metrics, serving_settings(cfg, data.label_names, plan, runtime), model_dir)
+        save(model, tokenizer, metrics, serving_settings(cfg, data.label_names, plan, runtime), cfg.model_dir)
         shutil.rmtree(checkpoints)  # the saved model supersedes them
     try:
         plot(metrics, cfg.images_dir)
     except OSError as e:
-        raise UserError(f"the model is saved in {model_dir}, but the charts could not be drawn in "
+        raise UserError(f"the model is saved in {cfg.model_dir}, but the charts could not be drawn in "
                         f"--images-dir {cfg.images_dir}: {e}") from e
     return metrics
 

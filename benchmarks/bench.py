@@ -128,7 +128,8 @@ def build(mode, folder, cfg, runtime):
     labels = ["neg", "pos"]
     mode = mode.removesuffix("-compile")  # compile_layers compiles the same model
     if mode == "qlora":
-        model, tokenizer, _ = peft_qlora.build_model(cfg, labels, runtime)
+        tokenizer = peft_qlora.check_model(cfg)
+        model, _ = peft_qlora.build_model(cfg, tokenizer, labels, runtime)
         return model, tokenizer
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if mode == "naive":  # the same 4-bit model (a quantized head would crash), prepared with peft's defaults

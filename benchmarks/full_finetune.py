@@ -13,6 +13,7 @@ than LoRA, for example --learning-rate 3e-5.
 Writes OUTPUT_DIR/metrics.json in peft_qlora's layout; it keeps no model.
 """
 import json
+import logging
 import os
 import sys
 
@@ -22,16 +23,16 @@ import peft_qlora  # noqa: E402
 
 
 def main():
+    cfg = peft_qlora.parse_args(sys.argv[1:])  # before the frameworks load: --help needs none of them
     import torch
     from transformers import AutoModelForSequenceClassification, set_seed
 
-    cfg = peft_qlora.parse_args(sys.argv[1:])
-    peft_qlora.logging.basicConfig(level=peft_qlora.logging.INFO if os.environ.get("RANK", "0") == "0"
-                                   else peft_qlora.logging.WARNING, format="%(message)s")
+    logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
+                        format="%(message)s")
     runtime = peft_qlora.decide_runtime(cfg.precision)
     set_seed(cfg.seed)
     data = peft_qlora.load_data(cfg)
-    tokenizer = peft_qlora.load_tokenizer(cfg.model)
+    tokenizer = peft_qlora.check_model(cfg)
     model = AutoModelForSequenceClassification.from_pretrained(
         cfg.model, num_labels=len(data.label_names), id2label=dict(enumerate(data.label_names)),
         label2id={n: i for i, n in enumerate(data.label_names)}, dtype=torch.float32, device_map={"": runtime.device})
@@ -41,7 +42,7 @@ def main():
     train_ds = peft_qlora.tokenize(data.train, tokenizer, cfg.max_length, cfg.truncation)
     eval_ds = peft_qlora.tokenize(data.test, tokenizer, cfg.max_length, cfg.truncation, sort_by_length=True)
     trainer = peft_qlora.make_trainer(model, tokenizer, train_ds, eval_ds, cfg, runtime, plan,
-                                      os.path.join(cfg.output_dir, "checkpoints"),
+                                      cfg.checkpoints_dir,
                                       save_checkpoints=False)  # a comparison run: nothing to resume
     before = peft_qlora.evaluate(trainer, eval_ds, data.label_names, "Before training")
     history, run = peft_qlora.train(trainer, resume=False, device=runtime.device, texts=len(data.train))

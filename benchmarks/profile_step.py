@@ -7,6 +7,7 @@ it was then; it has since moved to the runtime and make_trainer's parameters and
 
     python benchmarks/profile_step.py
 """
+import argparse
 import os
 import sys
 import tempfile
@@ -38,6 +39,7 @@ def timed(model, optimizer, batches):
 
 
 def main():
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()  # no settings; --help says what it does
     import torch
     from datasets import Dataset
     from torch.profiler import ProfilerActivity, profile
@@ -46,7 +48,8 @@ def main():
     cfg = peft_qlora.parse_args(["--model", folder, "--max-length", "512", "--epochs", "1",
                                  "--output-dir", tempfile.mkdtemp()])
     runtime = peft_qlora.decide_runtime("bf16")
-    model, tokenizer, _ = peft_qlora.build_model(cfg, ["neg", "pos"], runtime)
+    tokenizer = peft_qlora.check_model(cfg)
+    model, _ = peft_qlora.build_model(cfg, tokenizer, ["neg", "pos"], runtime)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
 

@@ -40,3 +40,18 @@ def test_the_benchmark_runs_every_mode_on_a_tiny_model(tmp_path):
     assert set(report["ratios"]) == {f"{q}_vs_{m}" for q in ("qlora", "qlora-compile")
                                      for m in ("naive", "lora", "full", "lora-compile")}
     assert "| qlora |" in result.stdout and "| naive |" in result.stdout
+
+
+def test_every_benchmark_explains_itself_without_the_frameworks():
+    """--help of each maintained benchmark works where torch, transformers and the data libraries are missing."""
+    missing = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "sklearn", "matplotlib",
+               "pyarrow", "numpy", "pandas")
+    for name in ("bench.py", "full_finetune.py", "llama8b.py", "profile_step.py"):
+        path = os.path.join(ROOT, "benchmarks", name)
+        code = ("import runpy, sys\n"
+                f"sys.modules.update(dict.fromkeys({missing!r}))  # None: importing any of them fails\n"
+                f"sys.argv = [{path!r}, '--help']\n"
+                f"runpy.run_path({path!r}, run_name='__main__')\n")
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, (name, result.stderr[-2000:])
+        assert result.stdout.startswith("usage: ") and name in result.stdout.splitlines()[0], result.stdout

@@ -54,7 +54,8 @@ def test_frozen_weights_stay_in_the_compute_dtype_and_what_trains_in_fp32(tiny_l
     import torch
 
     cfg = peft_qlora.parse_args(["--model", tiny_llama, "--max-length", "64"])
-    model, tokenizer, info = peft_qlora.build_model(cfg, ["neg", "pos"], cpu_runtime("bf16"))
+    tokenizer = peft_qlora.check_model(cfg)
+    model, info = peft_qlora.build_model(cfg, tokenizer, ["neg", "pos"], cpu_runtime("bf16"))
     base = model.base_model.model
     assert base.model.embed_tokens.weight.dtype == torch.bfloat16
     assert base.model.norm.weight.dtype == torch.bfloat16
@@ -80,7 +81,8 @@ def test_all_linear_puts_lora_on_every_4bit_layer_and_none_on_the_head(arch, tin
 
     cfg = peft_qlora.parse_args(["--model", tiny_llama if arch == "llama" else tiny_bert, "--max-length", "64",
                                  "--lora-targets", "all-linear"])
-    model, _, info = peft_qlora.build_model(cfg, ["neg", "pos"], cpu_runtime())
+    tokenizer = peft_qlora.check_model(cfg)
+    model, info = peft_qlora.build_model(cfg, tokenizer, ["neg", "pos"], cpu_runtime())
     with_lora = {n for n, m in model.named_modules() if isinstance(m, LoraLayer)}
     four_bit = {n.removesuffix(".base_layer") for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     assert with_lora == four_bit and len(four_bit) == info["quantized_layers"]

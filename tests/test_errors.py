@@ -36,7 +36,11 @@ def vision_model(folder):
 
 CASES = {
     "missing model folder": (lambda t, g, d: with_data(g, "--model", str(t / "no-such-model")),
-                             ["cannot load model", "local folder"]),
+                             ["--model", "no-such-model: no such folder"]),
+    "model folder that is a file": (lambda t, g, d: with_data(g, "--model", write(t / "model.bin", "x")),
+                                    ["model.bin is a file", "config.json"]),
+    "model folder without a model": (lambda t, g, d: with_data(g, "--model", str(t)),
+                                     ["cannot load model", "local folder with config.json"]),
     "model that cannot classify": (lambda t, g, d: with_data(g, "--model", vision_model(t / "vit")),
                                    ["is a 'vit' model", "no sequence-classification class", "--model"]),
     "hub model unreachable": (lambda t, g, d: with_data(g, "--model", "someone/some-model"),
@@ -89,6 +93,34 @@ def test_bad_input_is_reported_in_one_line(case, tmp_path, good_csv, tiny_bert, 
     for text in expected:
         assert text in said, said[-2000:]
     assert not (tmp_path / "out").exists(), "a run that fails before training leaves nothing behind"
+
+
+# Checked against the model's weights as they load, which come after the output folder's check
+NEEDS_THE_WEIGHTS = {"bad LoRA target"}
+
+
+@pytest.mark.parametrize("case", sorted(set(CASES) - NEEDS_THE_WEIGHTS))
+def test_a_saved_model_hides_no_other_mistake(case, tmp_path, good_csv, tiny_bert, capsys, caplog):
+    """After one successful run the output folder holds a model; a later run's other mistakes are still reported
+    as themselves, not as "pass --overwrite", and the saved model is left as it was."""
+    saved = tmp_path / "out" / "model"
+    saved.mkdir(parents=True)
+    (saved / "adapter_model.safetensors").write_bytes(b"weights")
+    make_args, expected = CASES[case]
+    status, said = run_main([*make_args(tmp_path, good_csv, tiny_bert), "--output-dir", tmp_path / "out"],
+                            capsys, caplog)
+    assert status != 0 and "already holds a trained model" not in said, said[-2000:]
+    for text in expected:
+        assert text in said, said[-2000:]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["model"]
+    assert [p.name for p in saved.iterdir()] == ["adapter_model.safetensors"]
+
+
+def test_a_saved_model_is_named_when_all_else_is_right(tmp_path, good_csv, tiny_bert, capsys, caplog):
+    (tmp_path / "out" / "model").mkdir(parents=True)
+    status, said = run_main([*with_data(good_csv, "--model", tiny_bert, "--max-length", "64"),
+                             "--output-dir", tmp_path / "out"], capsys, caplog)
+    assert status == 1 and "already holds a trained model: pass --overwrite" in said, said[-2000:]
 
 
 @pytest.mark.parametrize("case", ["zero epochs", "missing column", "missing model folder"])

@@ -32,7 +32,8 @@ def test_build_model_quantizes_the_body_and_trains_adapters_and_head(arch, tiny_
     import torch
 
     cfg = peft_qlora.parse_args(["--model", tiny_models[arch], "--max-length", "64"])
-    model, tokenizer, info = peft_qlora.build_model(cfg, ["neg", "pos"], cpu_runtime())
+    tokenizer = peft_qlora.check_model(cfg)
+    model, info = peft_qlora.build_model(cfg, tokenizer, ["neg", "pos"], cpu_runtime())
     targets, heads = EXPECTED[arch]
     assert info["lora_targets"] == targets and info["trained_heads"] == heads
 
@@ -69,7 +70,8 @@ def test_build_model_quantizes_the_body_and_trains_adapters_and_head(arch, tiny_
 
 def test_the_trainable_count_is_lora_plus_head_and_pooler(tiny_bert):
     cfg = peft_qlora.parse_args(["--model", tiny_bert, "--max-length", "64"])
-    _, _, info = peft_qlora.build_model(cfg, ["a", "b", "c"], cpu_runtime())
+    tokenizer = peft_qlora.check_model(cfg)
+    _, info = peft_qlora.build_model(cfg, tokenizer, ["a", "b", "c"], cpu_runtime())
     hidden, layers, r = 64, 2, 8
     lora = layers * 2 * r * (hidden + hidden)  # query and value, A (r x in) and B (out x r)
     head = hidden * 3 + 3
@@ -88,25 +90,22 @@ def test_the_trainable_count_is_lora_plus_head_and_pooler(tiny_bert):
 def test_precision_follows_the_gpu(monkeypatch, capability, requested, expected):
     import torch
 
-    # A T4's or an A100's compute capability cannot exist on this machine: report it.
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    # A T4's or an A100's compute capability cannot exist on this machine: report it for the device asked about
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    assert peft_qlora.choose_precision(requested) == expected
+    assert peft_qlora.choose_precision(requested, torch.device("cuda", 0)) == expected
 
 
 def test_bf16_is_refused_on_a_t4(monkeypatch):
     import torch
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     with pytest.raises(peft_qlora.UserError, match="compute capability 8.0"):
-        peft_qlora.choose_precision("bf16")
+        peft_qlora.choose_precision("bf16", torch.device("cuda", 0))
 
 
-def test_the_cpu_trains_in_fp32(monkeypatch):
+def test_the_cpu_trains_in_fp32():
     import torch
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert peft_qlora.choose_precision("auto") == "fp32"
+    assert peft_qlora.choose_precision("auto", torch.device("cpu")) == "fp32"
     with pytest.raises(peft_qlora.UserError, match="needs a CUDA GPU"):
-        peft_qlora.choose_precision("bf16")
+        peft_qlora.choose_precision("bf16", torch.device("cpu"))
