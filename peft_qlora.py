@@ -126,8 +126,7 @@ class Config:
     label_column: str = _opt("label", "column holding the labels: integers 0..k-1 or names")
     label_names: list[str] | None = _opt(
         None, "names for integer labels 0..k-1 (default for two classes: neg pos, as IMDb's)", nargs="+")
-    train_size: int | None = _opt(4000, "training texts drawn, balanced by label, or 'all' (4000: minutes on a T4)",
-                                  type=_size)
+    train_size: int | None = _opt(4000, "training texts drawn, balanced by label, or 'all'", type=_size)
     eval_size: int | None = _opt(2000, "evaluation (test) texts drawn, balanced by label, or 'all'", type=_size)
     validation_size: int | float | None = _opt(
         None, "texts held out of the training texts, stratified by label (a number, or a fraction such as 0.1): "
@@ -406,55 +405,6 @@ def wait_for_everyone() -> None:
     from accelerate import PartialState
 
     PartialState().wait_for_everyone()
-
-
-def has_checkpoints(checkpoints: str) -> bool:
-    return os.path.isdir(checkpoints) and any(name.startswith("checkpoint-") for name in os.listdir(checkpoints))
-
-
-def check_output_dir(cfg: Config, runtime: Runtime) -> None:
-    """Refuses to overwrite what an earlier run trained, to start over an interrupted run unasked, or to resume one
-    with other settings. Writes nothing: prepare_output_dir does, once the run is ready to train."""
-    checkpoints = cfg.checkpoints_dir
-    if os.path.exists(cfg.model_dir) and not cfg.overwrite:
-        raise UserError(f"{cfg.model_dir} already holds a trained model: pass --overwrite to replace it once the new "
-                        "one is saved, or choose another --output-dir")
-    if cfg.resume and not has_checkpoints(checkpoints):
-        raise UserError(f"--resume found no checkpoint in {checkpoints}: run without --resume to start afresh")
-    if not cfg.resume and has_checkpoints(checkpoints) and not cfg.overwrite:
-        raise UserError(f"{checkpoints} holds checkpoints of an interrupted run: pass --resume to continue it, "
-                        "or --overwrite to start over")
-    if cfg.resume:
-        with open(os.path.join(checkpoints, "run_config.json")) as f:
-            saved = json.load(f)
-        changed = {k for k, v in run_settings(cfg, runtime).items() if saved.get(k) != v}
-        if changed:
-            raise UserError("--resume continues a run with the same settings, but these differ from the "
-                            f"interrupted run's: {', '.join(sorted(changed))}")
-
-
-def prepare_output_dir(cfg: Config, runtime: Runtime) -> str:
-    """Readies OUTPUT_DIR/checkpoints for this run and returns its path: a new run clears what --overwrite
-    replaces and records its settings for --resume; a resumed run keeps what is there. Called once the model and
-    the data are ready, so that a run failing before leaves nothing behind. Only the main process writes."""
-    checkpoints = cfg.checkpoints_dir
-    if not cfg.resume and runtime.is_main:
-        shutil.rmtree(checkpoints, ignore_errors=True)
-        os.makedirs(checkpoints)
-        with open(os.path.join(checkpoints, "run_config.json"), "w") as f:
-            json.dump(run_settings(cfg, runtime), f, indent=2)
-    wait_for_everyone()
-    return checkpoints
-
-
-def run_settings(cfg: Config, runtime: Runtime) -> dict:
-    """The settings that decide what a run computes (a resumed run must keep them). How the batches are split
-    in memory does not change what they compute, so a resumed run may split them differently."""
-    settings = asdict(cfg)
-    for key in ("resume", "overwrite", "images_dir", "eval_batch_size", "micro_batch_size", "gradient_checkpointing"):
-        settings.pop(key)
-    settings["processes"] = runtime.num_processes  # the texts an optimizer step sees
-    return settings
 
 
 # ----------------------------------------------------------------------------------------------
@@ -747,6 +697,25 @@ def load_pretrained(auto_class, source: str, **kwargs):
                         "folder with config.json, the weights and the tokenizer files") from e
 
 
+def check_model(cfg: Config):
+    """--model checked from its config and tokenizer, before its weights load (and before the output folder is,
+    so that this mistake is not hidden behind --overwrite): transformers has a sequence-classification class for
+    it, and it reads --max-length tokens. Returns its tokenizer."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
+
+    config = load_pretrained(AutoConfig, cfg.model_source)
+    if type(config) not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING:
+        raise UserError(f"{cfg.model} is a {config.model_type!r} model, for which transformers has no sequence-"
+                        "classification class: choose a --model that AutoModelForSequenceClassification loads "
+                        "(BERT, RoBERTa, DistilBERT, Llama, Mistral, Qwen2, Gemma, ...)")
+    tokenizer = load_tokenizer(cfg.model_source)
+    positions = min(tokenizer.model_max_length, getattr(config, "max_position_embeddings", None) or 10**9)
+    if cfg.max_length > positions:
+        raise UserError(f"--max-length {cfg.max_length} is more than {cfg.model} reads ({positions} tokens)")
+    return tokenizer
+
+
 def quantized_load_kwargs(label_names: list[str], runtime: Runtime) -> dict:
     """from_pretrained arguments for a 4-bit NF4 model with this head, used for training and for reloading."""
     from transformers import BitsAndBytesConfig
@@ -774,25 +743,6 @@ def trainable_heads(model) -> dict:
     if "pooler" not in heads and pooler is not None:
         heads["pooler"] = pooler
     return heads
-
-
-def check_model(cfg: Config):
-    """--model checked from its config and tokenizer, before its weights load (and before the output folder is,
-    so that this mistake is not hidden behind --overwrite): transformers has a sequence-classification class for
-    it, and it reads --max-length tokens. Returns its tokenizer."""
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
-
-    config = load_pretrained(AutoConfig, cfg.model_source)
-    if type(config) not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING:
-        raise UserError(f"{cfg.model} is a {config.model_type!r} model, for which transformers has no sequence-"
-                        "classification class: choose a --model that AutoModelForSequenceClassification loads "
-                        "(BERT, RoBERTa, DistilBERT, Llama, Mistral, Qwen2, Gemma, ...)")
-    tokenizer = load_tokenizer(cfg.model_source)
-    positions = min(tokenizer.model_max_length, getattr(config, "max_position_embeddings", None) or 10**9)
-    if cfg.max_length > positions:
-        raise UserError(f"--max-length {cfg.max_length} is more than {cfg.model} reads ({positions} tokens)")
-    return tokenizer
 
 
 def load_base_model(source: str, label_names: list[str], runtime: Runtime):
@@ -906,6 +856,59 @@ def compile_layers(model) -> int:
             layer.compile(dynamic=True)
     log.info("Compiling %d layers with torch.compile as they first run", sum(map(len, stacks)))
     return sum(map(len, stacks))
+
+
+# ----------------------------------------------------------------------------------------------
+# The output folder: checked once the inputs are, prepared once the run is ready to train
+
+
+def has_checkpoints(checkpoints: str) -> bool:
+    return os.path.isdir(checkpoints) and any(name.startswith("checkpoint-") for name in os.listdir(checkpoints))
+
+
+def check_output_dir(cfg: Config, runtime: Runtime) -> None:
+    """Refuses to overwrite what an earlier run trained, to start over an interrupted run unasked, or to resume one
+    with other settings. Writes nothing: prepare_output_dir does, once the run is ready to train."""
+    checkpoints = cfg.checkpoints_dir
+    if os.path.exists(cfg.model_dir) and not cfg.overwrite:
+        raise UserError(f"{cfg.model_dir} already holds a trained model: pass --overwrite to replace it once the new "
+                        "one is saved, or choose another --output-dir")
+    if cfg.resume and not has_checkpoints(checkpoints):
+        raise UserError(f"--resume found no checkpoint in {checkpoints}: run without --resume to start afresh")
+    if not cfg.resume and has_checkpoints(checkpoints) and not cfg.overwrite:
+        raise UserError(f"{checkpoints} holds checkpoints of an interrupted run: pass --resume to continue it, "
+                        "or --overwrite to start over")
+    if cfg.resume:
+        with open(os.path.join(checkpoints, "run_config.json")) as f:
+            saved = json.load(f)
+        changed = {k for k, v in run_settings(cfg, runtime).items() if saved.get(k) != v}
+        if changed:
+            raise UserError("--resume continues a run with the same settings, but these differ from the "
+                            f"interrupted run's: {', '.join(sorted(changed))}")
+
+
+def prepare_output_dir(cfg: Config, runtime: Runtime) -> str:
+    """Readies OUTPUT_DIR/checkpoints for this run and returns its path: a new run clears what --overwrite
+    replaces and records its settings for --resume; a resumed run keeps what is there. Called once the model and
+    the data are ready, so that a run failing before leaves nothing behind. Only the main process writes."""
+    checkpoints = cfg.checkpoints_dir
+    if not cfg.resume and runtime.is_main:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+        os.makedirs(checkpoints)
+        with open(os.path.join(checkpoints, "run_config.json"), "w") as f:
+            json.dump(run_settings(cfg, runtime), f, indent=2)
+    wait_for_everyone()
+    return checkpoints
+
+
+def run_settings(cfg: Config, runtime: Runtime) -> dict:
+    """The settings that decide what a run computes (a resumed run must keep them). How the batches are split
+    in memory does not change what they compute, so a resumed run may split them differently."""
+    settings = asdict(cfg)
+    for key in ("resume", "overwrite", "images_dir", "eval_batch_size", "micro_batch_size", "gradient_checkpointing"):
+        settings.pop(key)
+    settings["processes"] = runtime.num_processes  # the texts an optimizer step sees
+    return settings
 
 
 # ----------------------------------------------------------------------------------------------
