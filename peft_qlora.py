@@ -1228,8 +1228,8 @@ def train(trainer, resume: bool, device, texts: int) -> tuple[list[dict], dict]:
            # only the epochs left
            "train_texts_per_s": None if resume else texts * trainer.state.epoch / result.metrics["train_runtime"],
            "optimizer_steps": trainer.state.global_step, "peak_memory_bytes": peak_memory(device), "resumed": resume}
-    log.info("Trained %d epochs in %.1f s, peak memory %.0f MB", len(history), run["train_runtime_s"],
-             run["peak_memory_bytes"] / 1e6)
+    log.info("Trained %d epoch%s in %.1f s, peak memory %.0f MB", len(history), "s" if len(history) > 1 else "",
+             run["train_runtime_s"], run["peak_memory_bytes"] / 1e6)
     evaluated = [history[e] for e in sorted(history) if "accuracy" in history[e]]
     if trainer.args.load_best_model_at_end:  # the Trainer reloaded the best epoch's weights
         run["best_epoch"] = next(h["epoch"] for h in evaluated if h["accuracy"] == trainer.state.best_metric)
@@ -1798,9 +1798,11 @@ def end_process_group() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    # One process speaks for a multi-process run (torchrun and accelerate launch set RANK); the others warn only
-    logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
-                        format="%(message)s")
+    # The libraries' loggers stay at WARNING (datasets, for one, reports at INFO which frameworks it found); this
+    # script's own messages are for the user. One process speaks for a multi-process run (torchrun and accelerate
+    # launch set RANK); the others warn only.
+    logging.basicConfig(format="%(message)s")
+    log.setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
     # matplotlib's "building the font cache" (once per machine, when that takes over 5 s) is not for our users
     logging.getLogger("matplotlib").setLevel(logging.ERROR)
     try:

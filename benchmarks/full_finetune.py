@@ -27,8 +27,8 @@ def main():
     import torch
     from transformers import AutoModelForSequenceClassification, set_seed
 
-    logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
-                        format="%(message)s")
+    logging.basicConfig(format="%(message)s")  # as peft_qlora.main: the libraries at WARNING, the script's own at INFO
+    logging.getLogger("peft_qlora").setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
     runtime = peft_qlora.decide_runtime(cfg.precision)
     set_seed(cfg.seed)
     data = peft_qlora.load_data(cfg)
