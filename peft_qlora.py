@@ -638,6 +638,9 @@ def load_tokenizer(source: str):
     from transformers import AutoTokenizer
 
     tokenizer = load_pretrained(AutoTokenizer, source)
+    if len(tokenizer) <= len(tokenizer.all_special_ids):  # transformers 5 builds an empty one if the files are missing
+        raise UserError(f"the tokenizer of {source} has no vocabulary, only its special tokens: the model's folder "
+                        "needs its tokenizer files (tokenizer.json, or vocab.txt for BERT)")
     if tokenizer.pad_token is None:
         stand_in = tokenizer.eos_token or tokenizer.unk_token
         if stand_in is None:
@@ -693,8 +696,10 @@ def load_pretrained(auto_class, source: str, **kwargs):
     try:
         return auto_class.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as e:  # ValueError: a config.json without a model_type, among others
-        raise UserError(f"cannot load model {source!r}: {e}\nThe hub may be unreachable: --model also takes a local "
-                        "folder with config.json, the weights and the tokenizer files") from e
+        where = ("The folder needs config.json, the weights and the tokenizer files" if os.path.isdir(source) else
+                 "The hub may be unreachable: --model also takes a local folder with config.json, the weights and "
+                 "the tokenizer files")
+        raise UserError(f"cannot load model {source!r}: {e}\n{where}") from e
 
 
 def check_model(cfg: Config):

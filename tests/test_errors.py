@@ -34,13 +34,24 @@ def vision_model(folder):
     return str(folder)
 
 
+def config_only(model, folder):
+    """A copy of the model's folder with nothing but its config.json."""
+    import shutil
+
+    folder.mkdir()
+    shutil.copy(os.path.join(model, "config.json"), folder)
+    return str(folder)
+
+
 CASES = {
     "missing model folder": (lambda t, g, d: with_data(g, "--model", str(t / "no-such-model")),
                              ["--model", "no-such-model: no such folder"]),
     "model folder that is a file": (lambda t, g, d: with_data(g, "--model", write(t / "model.bin", "x")),
                                     ["model.bin is a file", "config.json"]),
     "model folder without a model": (lambda t, g, d: with_data(g, "--model", str(t)),
-                                     ["cannot load model", "local folder with config.json"]),
+                                     ["cannot load model", "The folder needs config.json"]),
+    "model folder without tokenizer files": (lambda t, g, d: with_data(g, "--model", config_only(d, t / "bare")),
+                                             ["has no vocabulary", "tokenizer files"]),
     "model that cannot classify": (lambda t, g, d: with_data(g, "--model", vision_model(t / "vit")),
                                    ["is a 'vit' model", "no sequence-classification class", "--model"]),
     "hub model unreachable": (lambda t, g, d: with_data(g, "--model", "someone/some-model"),
