@@ -232,8 +232,8 @@ class Config:
 DEFAULT_MODEL_DIR = os.path.join(Config.output_dir, MODEL_FOLDER)
 # What trains besides LoRA, so it stays out of 4-bit and is saved with the adapter: the new classification head
 # (score for decoder LLMs), and BERT's pooler, the dense layer between the encoder and BERT's one-layer head
-# (RoBERTa's and DistilBERT's heads hold such a layer themselves). Training the pooler too closed most of the gap
-# to full fine-tuning (README).
+# (RoBERTa's and DistilBERT's heads hold such a layer themselves). Training the pooler too closed about half the gap
+# to full fine-tuning (benchmarks/NOTES.md).
 HEAD_MODULES = ("pre_classifier", "classifier", "score", "pooler")
 # The skip list matches whole module names or their ends: BERT's pooler is "pooler", holding "pooler.dense".
 UNQUANTIZED_MODULES = HEAD_MODULES + ("pooler.dense",)
@@ -311,7 +311,8 @@ def parse_export_args(argv: list[str]) -> argparse.Namespace:
                                      description="Write a trained model as a plain transformers model in 16 bits "
                                                  "(LoRA merged into the dequantized base, the trained head, the label "
                                                  "names), which transformers.pipeline loads without peft or "
-                                                 "bitsandbytes.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                                 "bitsandbytes.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--merged", required=True, metavar="OUT", help="the folder to write (must not exist)")
     parser.add_argument("--model-dir", default=DEFAULT_MODEL_DIR, help="folder a training run saved")
     args = parser.parse_args(argv)

@@ -86,7 +86,8 @@ def test_on_the_cpu_nothing_is_measured_and_the_defaults_hold():
 ])
 def test_a_text_that_cannot_fit_says_what_to_change(table, words):
     measure, _ = costs(table)
-    with pytest.raises(peft_qlora.UserError, match=f"does not fit the GPU's memory {words}: use a shorter --max-length"):
+    with pytest.raises(peft_qlora.UserError,
+                       match=f"does not fit the GPU's memory {words}: use a shorter --max-length"):
         plan(budget=gib(4), measure=measure)
 
 

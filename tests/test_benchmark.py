@@ -1,6 +1,6 @@
 """The benchmark's CPU smoke run: every mode runs end to end and the results file has every column.
 
-No timing is asserted: the numbers that matter come from a GPU (see the README)."""
+No timing is asserted: the numbers that matter come from a GPU (benchmarks/NOTES.md)."""
 import json
 import os
 import subprocess
