@@ -1744,6 +1744,8 @@ def run(cfg: Config) -> dict:
     # Every check before the model's weights load: the data's first (datasets only), then what transformers and
     # the model's config tell; the output folder's last, so that it hides none of the others
     data = load_data(cfg)
+    weights = (balanced_class_weights(data.train["labels"], data.label_names)
+               if cfg.class_weights == "balanced" else None)
     with quiet_transformers():
         from transformers import set_seed
 
@@ -1760,8 +1762,6 @@ def run(cfg: Config) -> dict:
         test_ds = tokenize(data.test, tokenizer, cfg.max_length, cfg.truncation, sort_by_length=True)
         validation_ds = (tokenize(data.validation, tokenizer, cfg.max_length, cfg.truncation, sort_by_length=True)
                          if data.validation else None)
-        weights = (balanced_class_weights(data.train["labels"], data.label_names)
-                   if cfg.class_weights == "balanced" else None)
         checkpoints = prepare_output_dir(cfg, runtime)
         trainer = make_trainer(model, tokenizer, train_ds, validation_ds or test_ds, cfg, runtime, plan, checkpoints,
                                class_weights=weights)
