@@ -28,7 +28,7 @@ def test_help_documents_every_setting_and_the_predict_command():
     assert predict_help.returncode == 0 and "--model-dir" in predict_help.stdout
 
 
-def test_the_command_line_prints_its_own_messages_and_no_librarys(tmp_path):
+def test_the_command_line_prints_its_own_messages_not_the_libraries(tmp_path):
     """After main() has configured logging, the script's INFO messages show and the libraries' INFO messages do
     not (on a GPU machine datasets announced "JAX version ... available" in every run)."""
     code = ("import logging, sys; sys.path.insert(0, sys.argv[1]); import peft_qlora\n"
