@@ -473,13 +473,20 @@ def hold_out(train, size: int | float, seed: int):
     return train.select(sorted(rest)), train.select(sorted(held))
 
 
+def open_data_file(path: str, streaming: bool = False):
+    """A local data file as a datasets Dataset, or read lazily as an IterableDataset: through Dataset.from_csv and
+    its kin, which, unlike load_dataset, send no usage count to the hub for a local file."""
+    from datasets import Dataset, IterableDataset
+
+    kind = IterableDataset if streaming else Dataset
+    return {"csv": kind.from_csv, "json": kind.from_json, "parquet": kind.from_parquet}[file_builder(path)](path)
+
+
 def read_file(path: str, flag: str):
     """A data file Config has checked exists and has a known kind."""
-    from datasets import load_dataset
-
     builder = file_builder(path)
     try:
-        return load_dataset(builder, data_files=path, split="train")
+        return open_data_file(path)
     except Exception as e:  # datasets, pandas and pyarrow each raise their own kind
         raise UserError(f"{flag} {path}: cannot read it as {builder}, or it has no rows "
                         f"({type(e).__name__}: {e})") from e
@@ -668,16 +675,42 @@ def quiet_hub():
         hub_logging.set_verbosity(verbosity)
 
 
+def import_bitsandbytes_offline() -> None:
+    """Imports bitsandbytes (peft imports it, and transformers imports peft) without its CPU-kernel fetch.
+
+    On a CPU with AVX512-BF16, bitsandbytes' import asks the `kernels` package for a CPU kernel from the hub
+    (kernels-community/quantization-bitsandbytes): compiled code from the network, tried in every process, and a
+    warning when it cannot be had (without `kernels`, offline, or untrusted). That kernel serves only the repacked
+    CPU inference path, which prepare_4bit_layers turns off, so this import keeps `kernels` out (a None in
+    sys.modules makes Python's import raise ImportError) and bitsandbytes keeps its own library's kernel. Its CPU
+    backend's logger is held at ERROR for the import alone: its later warnings, and everyone else's, still show.
+    Nothing happens if bitsandbytes is already imported."""
+    if "bitsandbytes" in sys.modules:
+        return
+    notices = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level, kernels = notices.level, sys.modules.get("kernels")
+    notices.setLevel(logging.ERROR)
+    sys.modules["kernels"] = None
+    try:
+        import bitsandbytes  # noqa: F401
+    finally:
+        notices.setLevel(level)
+        del sys.modules["kernels"]
+        if kernels is not None:  # a kernels module the caller had imported is theirs again
+            sys.modules["kernels"] = kernels
+
+
 @contextlib.contextmanager
 def quiet_transformers():
-    """transformers and peft at work without their notices: the load report listing a new head as missing
-    (load_base_model says what matters), the weight-loading bars, deprecation warnings that peft triggers in
-    transformers, the dequantization notice, huggingface_hub's retries. The caller's settings are restored
-    afterwards."""
+    """transformers and peft at work without their notices: bitsandbytes' import (import_bitsandbytes_offline),
+    the load report listing a new head as missing (load_base_model says what matters), the weight-loading bars,
+    deprecation warnings that peft triggers in transformers, the dequantization notice, huggingface_hub's
+    retries. The caller's settings are restored afterwards."""
     import warnings
 
     from transformers.utils import logging as hf_logging
 
+    import_bitsandbytes_offline()
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -1632,13 +1665,11 @@ def predict_file(path: str, output: str, text_column: str = "text", model_dir: s
 
 def read_chunks(path: str, size: int):
     """The rows of a data file, `size` at a time, each chunk a dict of columns; datasets streams the file."""
-    from datasets import load_dataset
-
     builder, chunks = file_builder(path), None
     while True:
         try:
             if chunks is None:
-                chunks = iter(load_dataset(builder, data_files=path, split="train", streaming=True).iter(size))
+                chunks = iter(open_data_file(path, streaming=True).iter(size))
             chunk = next(chunks)
         except StopIteration:
             return
