@@ -32,6 +32,7 @@ def test_cli_trains_saves_and_draws(trained):
     assert metrics["model"]["memory_4bit_bytes"] < metrics["model"]["memory_fp32_bytes"]
     assert metrics["precision"] == "fp32" and metrics["versions"]["bitsandbytes"]
     assert "Trainable parameters:" in result.stderr and "Model memory:" in result.stderr
+    assert "Training steps: eager (no CUDA GPU)" in result.stderr and "cuda_graphs" not in metrics["training"]
     # Readable: one line per epoch, none of transformers' notices about a head that is new by design
     assert "Epoch 1: accuracy" in result.stderr and "Epoch 2: accuracy" in result.stderr
     for noise in ("LOAD REPORT", "MISSING", "FutureWarning", "{'loss'", "'eval_loss'", "dequantized in"):

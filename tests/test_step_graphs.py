@@ -1,0 +1,122 @@
+"""The fast path: training steps replayed as CUDA graphs on a single GPU, eager everywhere else.
+
+A CUDA graph cannot be captured here (no GPU): these tests check the choice of path, that the Trainer built for
+graphs trains exactly as the plain one where its capture fails (as it does here, and would on a GPU that refuses
+one), and the gradients the graphs write into. On a GPU, benchmarks/bench.py --check-graphs compares graphed and
+eager training (benchmarks/NOTES.md)."""
+import logging
+
+import pytest
+
+import peft_qlora
+from conftest import cpu_runtime
+
+
+def gpu_runtime(processes=1):
+    """A runtime as decide_runtime gives on a GPU (a device object needs no GPU to exist)."""
+    import torch
+
+    return peft_qlora.Runtime(torch.device("cuda", 0), "bf16", num_processes=processes, pad_multiple=64)
+
+
+PLAN = peft_qlora.BatchPlan(32, 1, 256, False)
+
+
+@pytest.mark.parametrize("flags, runtime, plan, reason", [
+    ([], gpu_runtime, PLAN, None),
+    (["--cuda-graphs", "off"], gpu_runtime, PLAN, "--cuda-graphs off"),
+    ([], cpu_runtime, PLAN, "no CUDA GPU"),
+    ([], lambda: gpu_runtime(processes=2), PLAN, "several processes"),
+    ([], gpu_runtime, PLAN._replace(gradient_checkpointing=True), "gradient checkpointing"),
+    (["--compile"], gpu_runtime, PLAN, "--compile"),
+])
+def test_graphs_run_on_a_single_gpu_and_the_log_says_why_not_elsewhere(flags, runtime, plan, reason, caplog):
+    caplog.set_level(logging.INFO, logger="peft_qlora")
+    graphs = peft_qlora.choose_step_path(peft_qlora.parse_args(flags), runtime(), plan)
+    assert graphs is (reason is None)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Training steps:")]
+    assert len(lines) == 1
+    assert ("Training steps: CUDA graphs" in lines[0]) if reason is None else (f"eager ({reason}" in lines[0])
+
+
+def test_whether_steps_are_graphed_is_not_a_setting_a_resumed_run_must_keep():
+    cfg = peft_qlora.parse_args(["--cuda-graphs", "off"])
+    assert "cuda_graphs" not in peft_qlora.run_settings(cfg, cpu_runtime())
+    with pytest.raises(SystemExit):
+        peft_qlora.parse_args(["--cuda-graphs", "on"])  # auto or off
+
+
+def train_tiny(tiny_bert, data_files, tmp_path, graphs):
+    """The tiny BERT trained one epoch through make_trainer: class weights (the loss hook with the Trainer's item
+    count), two micro-batches a step, and a last step of one micro-batch (60 texts in micro-batches of 4)."""
+    import torch
+    from transformers import set_seed
+
+    cfg = peft_qlora.parse_args(["--model", tiny_bert, "--train-file", data_files["train"], "--eval-file",
+                                 data_files["test"], "--train-size", "60", "--eval-size", "all", "--max-length", "64",
+                                 "--epochs", "1", "--batch-size", "8", "--micro-batch-size", "4",
+                                 "--output-dir", str(tmp_path)])
+    data = peft_qlora.load_data(cfg)
+    runtime = cpu_runtime()
+    tokenizer = peft_qlora.check_model(cfg)
+    set_seed(cfg.seed)
+    model, _ = peft_qlora.build_model(cfg, tokenizer, data.label_names, runtime)
+    train = peft_qlora.tokenize(data.train, tokenizer, cfg.max_length, cfg.truncation)
+    test = peft_qlora.tokenize(data.test, tokenizer, cfg.max_length, cfg.truncation, sort_by_length=True)
+    plan = peft_qlora.BatchPlan(4, 2, 64, False)
+    trainer = peft_qlora.make_trainer(model, tokenizer, train, test, cfg, runtime, plan, str(tmp_path / "ckpt"),
+                                      class_weights=[0.8, 1.2], evaluate_each_epoch=False, save_checkpoints=False,
+                                      graphs=graphs)
+    result = trainer.train()
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    return trainer, result.training_loss, weights
+
+
+def test_where_a_capture_fails_the_graphed_trainer_warns_once_and_trains_exactly_as_the_plain_one(
+        tiny_bert, data_files, tmp_path, caplog):
+    plain, plain_loss, plain_weights = train_tiny(tiny_bert, data_files, tmp_path / "plain", graphs=False)
+    graphed, graphed_loss, graphed_weights = train_tiny(tiny_bert, data_files, tmp_path / "graphed", graphs=True)
+    assert graphed_loss == plain_loss
+    for name, weight in plain_weights.items():
+        assert graphed_weights[name].equal(weight), name
+    # 15 micro-batches: the first eager as every run's, the second's capture refused (no GPU), all eager after it
+    assert graphed.step_graphs.counts == {"captured": 0, "replayed": 0, "eager": 15}
+    assert graphed.step_graphs.failure.startswith("RuntimeError: Tried to instantiate dummy base class")
+    warnings = [r.getMessage() for r in caplog.records if "could not be captured as a CUDA graph" in r.getMessage()]
+    assert len(warnings) == 1 and "eager steps from here on" in warnings[0]
+    assert not hasattr(plain, "step_graphs")
+
+
+def test_gradients_accumulate_in_the_tensors_the_graphs_write_into():
+    import torch
+
+    layer = torch.nn.Linear(3, 2)
+    frozen = torch.nn.Parameter(torch.ones(2), requires_grad=False)
+    graphs = peft_qlora.StepGraphs([*layer.parameters(), frozen])
+    assert len(graphs.params) == 2, "only what trains"
+    x = torch.randn(4, 3)
+
+    def step(tensors):
+        loss = layer(tensors["x"]).sum()
+        loss.backward()
+        return loss.detach()
+
+    graphs(step, {"x": x})  # the run's first step: eager, into the bound tensors
+    assert [p.grad for p in graphs.params] == graphs.grads and all(p.grad is g for p, g in zip(graphs.params,
+                                                                                             graphs.grads))
+    first = [g.clone() for g in graphs.grads]
+    layer.zero_grad()  # as the Trainer does after an optimizer step: the gradients dropped
+    assert layer.weight.grad is None
+    graphs.bind_gradients()
+    assert all(p.grad is g and not g.any() for p, g in zip(graphs.params, graphs.grads)), "zeroed in place"
+    layer.weight.grad = torch.full_like(layer.weight, 2.0)  # a gradient another step made
+    graphs.bind_gradients()
+    assert layer.weight.grad is graphs.grads[0] and (graphs.grads[0] == 2).all(), "taken over, not lost"
+    layer.zero_grad()
+    graphs.failure = "no GPU here"  # eager from now on, as after a refused capture
+    graphs(step, {"x": x})
+    graphs(step, {"x": x})  # accumulated: twice the first step's gradients
+    for g, once in zip(graphs.grads, first):
+        assert torch.allclose(g, 2 * once)
+    assert graphs.counts["eager"] == 3
