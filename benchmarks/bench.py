@@ -352,7 +352,7 @@ def compare_graphs(folder, cfg, runtime, texts, dropout):
     from transformers import set_seed
 
     runs = {}
-    for name, graphs in (("eager", False), ("graphs", True)):
+    for name, graphs in (("eager", False), ("eager_again", False), ("graphs", True)):
         set_seed(cfg.seed)
         model, tokenizer = build("qlora", folder, cfg, runtime)
         if not dropout:
@@ -373,14 +373,20 @@ def compare_graphs(folder, cfg, runtime, texts, dropout):
                       "weights": {n: p.detach().float().cpu() for n, p in model.named_parameters() if p.requires_grad}}
         del model, trainer
         reset_memory()
-    eager, graphed = runs["eager"]["weights"], runs["graphs"]["weights"]
-    difference = max((eager[n] - graphed[n]).abs().max().item() for n in eager)
+    eager, again, graphed = (runs[name]["weights"] for name in ("eager", "eager_again", "graphs"))
     scale = max(w.abs().max().item() for w in eager.values())
+
+    def apart(a, b):
+        return max((a[n] - b[n]).abs().max().item() for n in a) / scale
+
+    # Two eager runs differ too (the GPU's atomics in attention's backward pass, amplified by Adam over the steps):
+    # their difference is the floor the graphed run is compared with
     return {"reviews": len(texts), "train_loss_eager": runs["eager"]["train_loss"],
+            "train_loss_eager_again": runs["eager_again"]["train_loss"],
             "train_loss_graphs": runs["graphs"]["train_loss"], "cuda_graphs": runs["graphs"]["cuda_graphs"],
-            "weights_max_difference": difference, "weights_max_abs": scale,
-            "relative_difference": difference / scale, "gradients_finite": bool(torch.isfinite(torch.tensor(
-                [w.abs().max() for w in graphed.values()])).all())}
+            "weights_max_abs": scale, "relative_difference": apart(eager, graphed),
+            "relative_difference_eager_again": apart(eager, again),
+            "weights_finite": bool(all(torch.isfinite(w).all() for w in graphed.values()))}
 
 
 def default_run(folder, train_file, test_file, extra_flags):
@@ -528,11 +534,12 @@ def targets(rows, extra, epoch_reviews, all_reviews, device, model, args):
     check = extra.get("graph_check")
     if check:
         same = check["without_dropout"]
-        out.append(("without dropout, eager and CUDA-graph training end at the same weights (relative difference "
-                    "<= 1e-2) and mean losses (within 1e-3)",
-                    f"{same['relative_difference']:.2e}, losses {same['train_loss_eager']:.5f} / "
-                    f"{same['train_loss_graphs']:.5f}",
-                    same["relative_difference"] <= 1e-2
+        floor = same["relative_difference_eager_again"]
+        out.append(("without dropout, CUDA-graph training ends as near eager training as a second eager run does "
+                    "(weights: at most 2x that run's difference, or 1e-3; mean loss within 1e-3)",
+                    f"weights {same['relative_difference']:.2e} (eager twice: {floor:.2e}), losses "
+                    f"{same['train_loss_eager']:.5f} / {same['train_loss_graphs']:.5f}",
+                    same["relative_difference"] <= max(2 * floor, 1e-3) and same["weights_finite"]
                     and abs(same["train_loss_eager"] - same["train_loss_graphs"]) <= 1e-3))
     return [{"target": t, "measured": m, "met": bool(ok)} for t, m, ok in out]
 

@@ -41,12 +41,12 @@ def test_the_benchmark_runs_every_mode_on_a_tiny_model(tmp_path):
     # eager (the graphed Trainer's capture is refused without a GPU), so they must agree exactly
     judged = {t["target"].split(" (")[0]: t["met"] for t in report["targets"]}
     assert set(judged) == {"1. QLoRA's epoch >= 1.2x full's", "1. QLoRA's epoch >= 1.0x lora's",
-                           "without dropout, eager and CUDA-graph training end at the same weights"}, judged
+                           "without dropout, CUDA-graph training ends as near eager training as a second eager run does"}, judged
     check = report["graph_check"]
     for run in check.values():
-        assert run["reviews"] == 32 and run["relative_difference"] == 0
+        assert run["reviews"] == 32 and run["relative_difference"] == run["relative_difference_eager_again"] == 0
         assert run["train_loss_eager"] == run["train_loss_graphs"]
-    assert judged["without dropout, eager and CUDA-graph training end at the same weights"]
+    assert judged["without dropout, CUDA-graph training ends as near eager training as a second eager run does"]
     assert set(report["ratios"]) == {f"{q}_vs_{m}" for q in ("qlora", "qlora-compile")
                                      for m in ("naive", "lora", "full", "lora-compile")}
     assert "| qlora |" in result.stdout and "| naive |" in result.stdout
