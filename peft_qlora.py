@@ -1311,9 +1311,10 @@ def peak_memory(device) -> int:
 
 
 def choose_step_path(cfg: Config, runtime: Runtime, plan: BatchPlan) -> bool:
-    """Whether the training steps run as CUDA graphs (StepGraphs), said in one line. A QLoRA step at bert-base's
-    shape and batch 32 kept an H200 busy 44% of its wall time: the rest was the CPU running bitsandbytes' and peft's
-    Python for every layer while the GPU waited. A graph launches a whole step's kernels at once."""
+    """Whether the training steps run as CUDA graphs (StepGraphs), said in one line. An eager QLoRA step at
+    bert-base's shape and batch 32 kept an H200 busy a third to a half of its wall time: the rest was the CPU running
+    bitsandbytes' and peft's Python for every layer while the GPU waited. A graph launches a whole step's kernels at
+    once (benchmarks/NOTES.md)."""
     reason = ("--cuda-graphs off" if cfg.cuda_graphs == "off" else
               "no CUDA GPU" if runtime.device.type != "cuda" else
               "several processes, whose gradients are averaged during the backward pass" if runtime.num_processes > 1
@@ -1357,7 +1358,7 @@ class StepGraphs:
                 static[name].copy_(tensor, non_blocking=True)
             graph.replay()
             self.counts["replayed"] += 1
-            return loss
+            return loss.clone()  # the graphs share a pool: another graph's replay may write where this loss is
         if self.failure or not any(self.counts.values()):
             self.counts["eager"] += 1
             return step(tensors)
@@ -1378,11 +1379,12 @@ class StepGraphs:
         self.graphs[key] = (graph, static, loss)
         self.counts["captured"] += 1
         graph.replay()  # the capture recorded the step without computing it
-        return loss
+        return loss.clone()
 
     def bind_gradients(self) -> None:
         """Each trainable parameter's .grad is its own tensor, which the graphs accumulate into: zeroed in place
-        where the Trainer dropped the gradients after an optimizer step, taking over any another step made."""
+        where the Trainer dropped the gradients after an optimizer step, taking over any gradient another step
+        made."""
         import torch
 
         dropped = [g for p, g in zip(self.params, self.grads) if p.grad is None]

@@ -19,8 +19,8 @@ steps of the same loop); and one epoch of the Trainer over real IMDb reviews: wa
 tokens/s, the FLOP-bound fraction over the real lengths, the share of padding, peak memory (allocated and
 reserved). With the QLoRA model: the Trainer's evaluation rate, predict()'s rate over the same reviews, and the
 wall time of the shell's `peft_qlora.py predict` of two texts with the model saved. --check-graphs N trains N
-reviews for one epoch twice, with and without CUDA graphs, from the same seed, and compares the losses and
-trained weights; --default-run TEST times `peft_qlora.py` with its defaults on --data and TEST. Then each of
+reviews for one epoch three times from the same seed, eager twice and with CUDA graphs, with dropout off and on,
+and compares the losses and trained weights; --default-run TEST times `peft_qlora.py` with its defaults on --data and TEST. Then each of
 issue 16's targets, with its figure and whether it is met.
 
     python benchmarks/bench.py --data ../shared/data/imdb/train.parquet --modes qlora lora full   # GPU, minutes
