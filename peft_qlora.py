@@ -39,7 +39,7 @@ import random
 import shutil
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, NamedTuple
 
 log = logging.getLogger("peft_qlora")
@@ -102,6 +102,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {value}")
+    return value
+
+
 def _dropout(text: str) -> float:
     try:
         value = float(text)
@@ -122,16 +132,26 @@ class Config:
                                "splits; not used with --train-file")
     train_file: str | None = _opt(None, "local csv, json/jsonl or parquet file to train on, instead of --dataset")
     eval_file: str | None = _opt(None, "local csv, json/jsonl or parquet file to evaluate on (with --train-file)")
-    text_column: str = _opt("text", "column holding the texts")
-    label_column: str = _opt("label", "column holding the labels: integers 0..k-1 or names")
+    text_column: list[str] = _opt(("text",), "column holding the texts; two names (premise hypothesis) for pairs "
+                                  "of texts, each row encoded as the tokenizer encodes text with text_pair", nargs="+",
+                                  type=str)
+    label_column: str = _opt("label", "column holding the labels: class ids 0..k-1 or names; lists of names (or of "
+                             "0/1 per label) for multi-label; numbers for regression")
     label_names: list[str] | None = _opt(
-        None, "names for integer labels 0..k-1 (default for two classes: neg pos, as IMDb's)", nargs="+")
-    train_size: int | None = _opt(4000, "training texts drawn, balanced by label, or 'all'", type=_size)
-    eval_size: int | None = _opt(2000, "evaluation (test) texts drawn, balanced by label, or 'all'", type=_size)
+        None, "names for integer labels 0..k-1, or for the places of 0/1 lists (default for two classes: neg pos, as "
+        "IMDb's)", nargs="+")
+    task: str = _opt("auto", "what the model learns; auto: from the label column (lists: multi-label, floats: "
+                     "regression, else classification); regression also takes integer scores such as a 1-10 rating",
+                     choices=["auto", "classification", "multi-label", "regression"])
+    threshold: float = _opt(0.5, "multi-label: a label is predicted when its probability is above this",
+                            type=_probability)
+    train_size: int | None = _opt(4000, "training texts drawn, or 'all': balanced by label (multi-label: by each "
+                                  "text's rarest label), at random for regression", type=_size)
+    eval_size: int | None = _opt(2000, "evaluation (test) texts drawn, or 'all', as --train-size", type=_size)
     validation_size: int | float | None = _opt(
-        None, "texts held out of the training texts, stratified by label (a number, or a fraction such as 0.1): "
-        "each epoch is evaluated on them and the best epoch is kept; the test texts are then evaluated only "
-        "before and after training", type=_validation_size)
+        None, "texts held out of the training texts (a number, or a fraction such as 0.1), stratified by label for "
+        "classification, at random otherwise: each epoch is evaluated on them and the best epoch is kept; the test "
+        "texts are then evaluated only before and after training", type=_validation_size)
     max_length: int = _opt(512, "tokens kept per text, special tokens included (BERT's most; 14%% of IMDb's "
                            "reviews are longer, 44%% are longer than 256, and more tokens scored better)",
                            type=_positive_int)
@@ -169,10 +189,12 @@ class Config:
         "auto", "recompute activations in the backward pass: less memory, slower steps; auto: on only when fewer "
         "than 4 texts of --max-length fit a micro-batch without it", choices=["auto", "on", "off"], nargs="?",
         const="on")
-    early_stopping: int | None = _opt(None, "stop after this many epochs without a better validation accuracy "
-                                      "(needs --validation-size)", type=_positive_int)
+    early_stopping: int | None = _opt(None, "stop after this many epochs without a better validation score "
+                                      "(accuracy; multi-label: micro F1; regression: RMSE) (needs --validation-size)",
+                                      type=_positive_int)
     class_weights: str = _opt("none", "balanced: weigh each class's loss by the inverse of its share of the training "
-                              "texts, for imbalanced labels", choices=["none", "balanced"])
+                              "texts, for imbalanced labels (multi-label: each label's texts weighed as much as the "
+                              "texts without it)", choices=["none", "balanced"])
     compile: bool = _opt(False, "torch.compile each of the model's repeated layers (regional compilation): faster "
                          "steps after a one-off compilation, which pays on long runs only")
     cuda_graphs: str = _opt("auto", "auto: on a single CUDA GPU, replay each training step's forward and backward as a "
@@ -190,6 +212,14 @@ class Config:
 
     def __post_init__(self):
         """The checks that need no file and no framework, in one place; each names the flag and the fix."""
+        self.text_column = [self.text_column] if isinstance(self.text_column, str) else list(self.text_column)
+        if len(self.text_column) > 2:
+            raise UserError(f"--text-column takes one column, or two for pairs of texts; got {len(self.text_column)}: "
+                            f"{' '.join(self.text_column)}")
+        if len(set(self.text_column)) < len(self.text_column):
+            raise UserError(f"--text-column {' '.join(self.text_column)}: a pair needs two different columns")
+        if not 0 < self.threshold < 1:
+            raise UserError(f"--threshold {self.threshold} must be in (0, 1)")
         if bool(self.train_file) != bool(self.eval_file):
             raise UserError("--train-file and --eval-file go together: give both, or neither to use --dataset")
         if self.train_file:
@@ -282,9 +312,11 @@ def parse_predict_args(argv: list[str]) -> argparse.Namespace:
                                      description="Classify texts with a saved model: prints JSON, or with --file "
                                                  "writes each row of a file with its prediction to --output.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("texts", nargs="*", help="texts to classify")
+    parser.add_argument("texts", nargs="*", help="texts to classify; a model of pairs takes them two at a time "
+                                                 "(text, text_pair, text, text_pair, ...)")
     parser.add_argument("--file", help="csv, json/jsonl or parquet file whose rows to classify (read in chunks)")
-    parser.add_argument("--text-column", default="text", help="--file's column holding the texts")
+    parser.add_argument("--text-column", default=["text"], nargs="+",
+                        help="--file's column holding the texts; two for a model of pairs")
     parser.add_argument("--output", help="where --file's rows go, in order, each with the predicted label and one "
                                          "probability column per class: csv, json/jsonl (JSON lines) or parquet")
     parser.add_argument("--model-dir", default=DEFAULT_MODEL_DIR, help="folder a training run saved")
@@ -412,18 +444,84 @@ def wait_for_everyone() -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# The task: what the model learns, decided once from the labels (decide_task) and passed down
+
+
+PROBLEM_TYPES = {"classification": "single_label_classification", "multi-label": "multi_label_classification",
+                 "regression": "regression"}  # transformers' names, which pick each model's loss
+METRICS = {"classification": ("accuracy", "f1"),  # F1 of class 1 (pos) for two classes, else macro
+           "multi-label": ("f1_micro", "f1_macro", "subset_accuracy"),  # subset: every label of the text right
+           "regression": ("rmse", "pearson", "mae", "spearman", "r2")}  # in the target's own units
+METRIC_NAMES = {"accuracy": "accuracy", "f1": "F1", "f1_micro": "micro F1", "f1_macro": "macro F1",
+                "subset_accuracy": "subset accuracy", "rmse": "RMSE", "mae": "MAE", "pearson": "Pearson",
+                "spearman": "Spearman", "r2": "R²"}
+
+
+@dataclass(frozen=True)
+class Task:
+    kind: str  # classification, multi-label or regression
+    label_names: list[str]  # the classes in id order; multi-label: the labels; regression: ["score"]
+    text_columns: list[str] = field(default_factory=lambda: ["text"])  # one text per row, or a pair
+    threshold: float = 0.5  # multi-label: a label is predicted above this probability
+    # Regression trains on the target divided by its standard deviation, with the head's bias (where it has one)
+    # starting at the mean: the head starts where the targets are, and AdamW's steps, about the learning rate in
+    # size, reach them in a few steps whatever the target's units. Outputs are multiplied back by target_scale.
+    target_scale: float = 1.0
+    target_mean: float = 0.0  # in the target's own units
+
+    @property
+    def problem_type(self) -> str:
+        return PROBLEM_TYPES[self.kind]
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.kind == "regression" else len(self.label_names)
+
+    @property
+    def pairs(self) -> bool:
+        return len(self.text_columns) == 2
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        return METRICS[self.kind]
+
+    @property
+    def best_metric(self) -> str:
+        """The metric that picks the best epoch and drives early stopping; greater_is_better says its direction."""
+        return self.metric_names[0]
+
+    @property
+    def greater_is_better(self) -> bool:
+        return self.kind != "regression"
+
+    def headline(self, values: dict, prefix: str = "") -> str:
+        """The task's first two metrics, as a line says them: "accuracy 0.9012, F1 0.9034"."""
+        return ", ".join(f"{METRIC_NAMES[name]} {values[prefix + name]:.4f}" for name in self.metric_names[:2])
+
+    def describe(self) -> str:
+        pairs = f" of text pairs ({', '.join(self.text_columns)})" if self.pairs else ""
+        if self.kind == "regression":
+            return (f"regression{pairs}, target mean {self.target_mean:.4g}, standard deviation "
+                    f"{self.target_scale:.4g} (trained in units of it)")
+        what = "classes" if self.kind == "classification" else "labels"
+        shown = ", ".join(self.label_names[:10]) + (", ..." if len(self.label_names) > 10 else "")
+        return f"{self.kind}{pairs}, {len(self.label_names)} {what} ({shown})"
+
+
+# ----------------------------------------------------------------------------------------------
 # Data
 
 
 class Splits(NamedTuple):
-    train: Any  # datasets.Dataset with columns text and labels (ids into label_names)
+    train: Any  # datasets.Dataset with columns text (and text_pair for pairs) and labels (what the loss compares)
     validation: Any  # held out of train (--validation-size), or None
     test: Any
-    label_names: list[str]
+    task: Task
 
 
 def load_data(cfg: Config) -> Splits:
-    """The training and test texts, subsets drawn, labels made ids, and the validation texts held out."""
+    """The training and test texts, the task decided from their labels, subsets drawn, labels made what the loss
+    compares (class ids, 0/1 per label, scaled targets), and the validation texts held out."""
     from datasets import Dataset
 
     if cfg.train_file:
@@ -432,44 +530,64 @@ def load_data(cfg: Config) -> Splits:
         splits = read_hub_dataset(cfg.dataset)
     columns = {}
     for split, ds in splits.items():
-        missing = [c for c in (cfg.text_column, cfg.label_column) if c not in ds.column_names]
+        missing = [c for c in (*cfg.text_column, cfg.label_column) if c not in ds.column_names]
         if missing:
-            flags = " and ".join("--text-column" if c == cfg.text_column else "--label-column" for c in missing)
+            flags = " and ".join(sorted({"--label-column" if c == cfg.label_column else "--text-column"
+                                         for c in missing}))
             raise UserError(f"the {split} data has no column {' or '.join(map(repr, missing))} (its columns: "
                             f"{', '.join(ds.column_names)}); name the right one with {flags}")
         if len(ds) == 0:
             raise UserError(f"the {split} data has no rows")
-        columns[split] = (check_texts(ds[cfg.text_column], split), check_labels(ds[cfg.label_column], split))
-
-    feature = splits["train"].features[cfg.label_column]
-    label_names = label_names_for(columns, getattr(feature, "names", None), cfg.label_names)
-    label_ids = {name: i for i, name in enumerate(label_names)}
+        columns[split] = ([check_texts(ds[c], split, c) for c in cfg.text_column],
+                          check_labels(list(ds[cfg.label_column]), split))
+    kind = decide_task(cfg.task, *(label_kind(columns[split][1], split) for split in ("train", "test")))
+    labels = {split: split_labels for split, (_, split_labels) in columns.items()}
+    if kind == "classification":  # (names, each label as the loss takes it, the groups a subset is balanced over)
+        class_names = getattr(splits["train"].features[cfg.label_column], "names", None)  # a ClassLabel's
+        label_names, to_target, group = class_targets(labels, class_names, cfg.label_names)
+    elif kind == "multi-label":
+        label_names, to_target, group = multi_label_targets(labels, cfg.label_names)
+    else:
+        label_names, to_target, group = regression_targets(labels)
     out = []
     for split, size, flag in (("train", cfg.train_size, "--train-size"), ("test", cfg.eval_size, "--eval-size")):
         texts, labels = columns[split]
-        ids = [label_ids[y] if isinstance(y, str) else y for y in labels]
-        if size is not None and size > len(ids):
-            raise UserError(f"{flag} {size} is more than the {len(ids)} rows of the {split} data: "
+        if size is not None and size > len(labels):
+            raise UserError(f"{flag} {size} is more than the {len(labels)} rows of the {split} data: "
                             f"ask for fewer, or {flag} all")
-        rows = balanced_subset(ids, size, cfg.seed) if size is not None else range(len(ids))
-        out.append(Dataset.from_dict({"text": [texts[i] for i in rows], "labels": [ids[i] for i in rows]}))
-    train, validation = hold_out(out[0], cfg.validation_size, cfg.seed) if cfg.validation_size else (out[0], None)
-    log.info("Data: %d training, %s%d test texts, labels %s", len(train),
-             f"{len(validation)} validation and " if validation else "", len(out[1]), label_names)
-    if len(train) < 10 * len(label_names):
-        log.warning("Only %d training texts for %d classes: too few to learn from; use more (--train-size)",
-                    len(train), len(label_names))
-    return Splits(train, validation, out[1], label_names)
+        rows = balanced_subset(group(labels), size, cfg.seed) if size is not None else range(len(labels))
+        out.append(Dataset.from_dict({**{name: [column[i] for i in rows] for name, column in
+                                         zip(("text", "text_pair"), texts)},
+                                      "labels": [to_target(labels[i]) for i in rows]}))
+    train, validation = (hold_out(out[0], cfg.validation_size, cfg.seed, stratify=kind == "classification")
+                         if cfg.validation_size else (out[0], None))
+    task = Task(kind, label_names, list(cfg.text_column), cfg.threshold)
+    if kind == "regression":  # scaled by the training texts' spread (Task.target_scale)
+        task = regression_task(task, train["labels"])
+        train, validation, test = (ds.remove_columns("labels").add_column(
+            "labels", [y / task.target_scale for y in ds["labels"]]) if ds else None for ds in (train, validation, out[1]))
+    else:
+        test = out[1]
+    log.info("Data: %d training, %s%d test texts%s", len(train),
+             f"{len(validation)} validation and " if validation else "", len(test),
+             f", labels {label_names}" if kind != "regression" else "")
+    log.info("Task: %s", task.describe())
+    if kind != "regression" and len(train) < 10 * len(label_names):
+        log.warning("Only %d training texts for %d %s: too few to learn from; use more (--train-size)",
+                    len(train), len(label_names), "classes" if kind == "classification" else "labels")
+    return Splits(train, validation, test, task)
 
 
-def hold_out(train, size: int | float, seed: int):
-    """(the rest, the held-out texts): `size` texts or that fraction, stratified by label (scikit-learn)."""
+def hold_out(train, size: int | float, seed: int, stratify: bool = True):
+    """(the rest, the held-out texts): `size` texts or that fraction (scikit-learn), stratified by label or at
+    random."""
     from sklearn.model_selection import train_test_split
 
     if isinstance(size, int) and size >= len(train):
         raise UserError(f"--validation-size {size} leaves no training texts out of {len(train)}: hold out fewer")
     try:
-        rest, held = train_test_split(range(len(train)), test_size=size, stratify=train["labels"], random_state=seed)
+        rest, held = train_test_split(range(len(train)), test_size=size, random_state=seed,
+                                      stratify=train["labels"] if stratify else None)
     except ValueError as e:  # a class with one text, or fewer held-out texts than classes
         raise UserError(f"--validation-size {size}: cannot hold out texts of every class ({e}); hold out more, or "
                         "train on more texts") from e
@@ -512,11 +630,11 @@ def read_hub_dataset(name: str) -> dict:
     return {"train": ds["train"], "test": ds["test"]}
 
 
-def check_texts(texts: list, split: str) -> list[str]:
+def check_texts(texts: list, split: str, column: str = "text") -> list[str]:
     bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
     if bad:
-        raise UserError(f"the {split} data has {len(bad)} texts that are not strings (first at row {bad[0]}: "
-                        f"{texts[bad[0]]!r}); check --text-column")
+        raise UserError(f"the {split} data's column {column!r} has {len(bad)} values that are not texts (first at "
+                        f"row {bad[0]}: {texts[bad[0]]!r}); check --text-column")
     return texts
 
 
@@ -524,25 +642,67 @@ def check_labels(labels: list, split: str) -> list:
     missing = [i for i, y in enumerate(labels) if y is None]
     if missing:
         raise UserError(f"the {split} data has {len(missing)} rows without a label (first: rows "
-                        f"{', '.join(map(str, missing[:5]))}); fill them in or drop those rows")
-    kinds = {type(y) for y in labels}
-    if not (kinds <= {int} or kinds <= {str}):
-        raise UserError(f"labels must be all integers or all strings; the {split} data has "
-                        f"{', '.join(sorted(k.__name__ for k in kinds))}")
+                        f"{', '.join(map(str, missing[:5]))}); fill them in or drop those rows (multi-label: an "
+                        "empty list for a text without labels)")
     return labels
 
 
-def label_names_for(columns: dict, class_names: list[str] | None, given: list[str] | None) -> list[str]:
+LABEL_KINDS = {"int": "integers", "name": "names", "number": "numbers with fractions", "list": "lists"}
+
+
+def label_kind(labels: list, split: str) -> str:
+    """int (class ids), name, number (floats: regression) or list (multi-label), the same for every row."""
+    lists = [isinstance(y, (list, tuple)) for y in labels]
+    if any(lists) and not all(lists):
+        single = lists.index(False)
+        raise UserError(f"the {split} labels mix lists (multi-label) and single labels (row {single}: "
+                        f"{labels[single]!r}): give every row a list, an empty one for a text without labels")
+    if all(lists):
+        kinds = {type(v) for y in labels for v in y}
+        if not (kinds <= {int} or kinds <= {str}):
+            raise UserError(f"multi-label lists hold names, or 0/1 per label; the {split} lists hold "
+                            f"{', '.join(sorted(k.__name__ for k in kinds))}")
+        return "list"
+    kinds = {type(y) for y in labels}
+    if kinds <= {int}:
+        return "int"
+    if kinds <= {str}:
+        return "name"
+    if kinds <= {int, float}:
+        return "number"
+    raise UserError(f"labels must be all integers, all names, all numbers or all lists; the {split} data has "
+                    f"{', '.join(sorted(k.__name__ for k in kinds))}")
+
+
+def decide_task(requested: str, train_kind: str, eval_kind: str) -> str:
+    """The task the labels call for (--task auto), or the one asked for if the labels allow it."""
+    if train_kind != eval_kind and {train_kind, eval_kind} != {"int", "number"}:
+        raise UserError(f"the training labels are {LABEL_KINDS[train_kind]} but the evaluation labels are "
+                        f"{LABEL_KINDS[eval_kind]}")
+    kinds = {train_kind, eval_kind}
+    found = ("multi-label" if "list" in kinds else "regression" if "number" in kinds else "classification")
+    if requested in ("auto", found) or (requested == "regression" and kinds == {"int"}):
+        return found if requested == "auto" else requested
+    needs = {"classification": "class ids (integers) or names", "multi-label": "a list of labels per row (names, "
+             "or 0/1 per label)", "regression": "numbers"}[requested]
+    raise UserError(f"--task {requested} needs {needs}, but the labels are {LABEL_KINDS[train_kind]}: that is "
+                    f"{found} (--task auto, or {found})")
+
+
+def class_targets(labels: dict, class_names: list[str] | None, given: list[str] | None):
+    """Classification: the class names, each label as its class id, and the subsets balanced by class."""
+    names = label_names_for(labels["train"], labels["test"], class_names, given)
+    ids = {name: i for i, name in enumerate(names)}
+    to_id = ids.__getitem__ if isinstance(labels["train"][0], str) else int
+    return names, to_id, lambda split_labels: [to_id(y) for y in split_labels]
+
+
+def label_names_for(train_labels: list, eval_labels: list, class_names: list[str] | None,
+                    given: list[str] | None) -> list[str]:
     """The names of the classes, in id order: the dataset's own, the string labels sorted, or --label-names."""
-    train_labels, eval_labels = columns["train"][1], columns["test"][1]
     if isinstance(train_labels[0], str):
         names = sorted(set(train_labels))
-        unseen = sorted(set(map(str, eval_labels)) - set(names))
-        if unseen:
-            raise UserError(f"the evaluation data has labels the training data lacks: {', '.join(unseen)}")
     else:
-        if isinstance(eval_labels[0], str):
-            raise UserError("the training labels are integers but the evaluation labels are strings")
         values = set(train_labels) | set(eval_labels)
         if min(values) < 0:
             raise UserError(f"integer labels must be 0..k-1; found {min(values)}")
@@ -551,9 +711,75 @@ def label_names_for(columns: dict, class_names: list[str] | None, given: list[st
         if len(names) != count:
             raise UserError(f"the data has labels 0..{count - 1} ({count} classes) but --label-names gives "
                             f"{len(names)} names: give one name per class, in order")
+    unseen = sorted(set(eval_labels) - set(train_labels), key=str)
+    if unseen:
+        raise UserError(f"the evaluation data has labels the training data lacks: {', '.join(map(str, unseen))}; "
+                        "a model cannot learn a class it never sees")
     if len(set(train_labels)) < 2:
         raise UserError(f"the training data has a single class ({train_labels[0]!r}); classification needs two or more")
     return list(names)
+
+
+def multi_label_targets(labels: dict, given: list[str] | None):
+    """Multi-label: the label names (the training lists' names sorted, or one per place of 0/1 lists: --label-names
+    or 0, 1, ...), each row as 0/1 per label, and the subsets balanced by each text's rarest label."""
+    train, evaluation = labels["train"], labels["test"]
+    names_given = any(isinstance(v, str) for y in train + evaluation for v in y)
+    if names_given:
+        names = sorted({v for y in train for v in y})
+        unseen = sorted({v for y in evaluation for v in y} - set(names))
+        if unseen:
+            raise UserError(f"the evaluation data has labels the training data lacks: {', '.join(unseen)}; a model "
+                            "cannot learn a label it never sees")
+    else:
+        widths = {len(y) for y in train + evaluation}
+        values = {v for y in train + evaluation for v in y}
+        if len(widths) != 1 or not values <= {0, 1}:
+            raise UserError("multi-label lists of integers must give 0 or 1 for each label, the same number in every "
+                            f"row (found lengths {sorted(widths)[:5]} and values {sorted(values)[:5]}); or give "
+                            "lists of label names")
+        width = widths.pop()
+        names = given or [str(i) for i in range(width)]
+        if len(names) != width:
+            raise UserError(f"the 0/1 lists have {width} places but --label-names gives {len(names)} names")
+    if len(names) < 2:
+        raise UserError(f"the training data has a single label ({', '.join(names) or 'none'}); multi-label needs two "
+                        "or more")
+    if names_given:
+        def to_target(y):
+            return [float(name in y) for name in names]
+    else:
+        def to_target(y):
+            return [float(v) for v in y]
+
+    def rarest(split_labels: list) -> list[int]:  # each text's rarest label in its split, -1 for none
+        hot = [to_target(y) for y in split_labels]
+        counts = [sum(column) for column in zip(*hot)]
+        return [min((i for i, v in enumerate(h) if v), key=counts.__getitem__, default=-1) for h in hot]
+
+    return list(names), to_target, rarest
+
+
+def regression_targets(labels: dict):
+    """Regression: one output named score, each label a float (checked finite), and random subsets."""
+    import math
+
+    for split, values in labels.items():
+        bad = [i for i, y in enumerate(values) if not math.isfinite(y)]
+        if bad:
+            raise UserError(f"the {split} data has {len(bad)} regression targets that are NaN or infinite (first at "
+                            f"row {bad[0]}: {values[bad[0]]}); fill them in or drop those rows")
+    return ["score"], float, lambda split_labels: [0] * len(split_labels)
+
+
+def regression_task(task: Task, targets: list[float]) -> Task:
+    """The task with the training targets' mean and standard deviation (Task.target_scale)."""
+    import statistics
+
+    scale = statistics.pstdev(targets) if len(targets) > 1 else 0.0
+    if not scale > 0:
+        raise UserError(f"every training target is {targets[0]}: a regression needs targets that differ")
+    return replace(task, target_scale=scale, target_mean=statistics.fmean(targets))
 
 
 def balanced_subset(labels: list[int], size: int, seed: int) -> list[int]:
@@ -572,28 +798,55 @@ def balanced_subset(labels: list[int], size: int, seed: int) -> list[int]:
     return chosen
 
 
-def encode(tokenizer, texts: list[str], max_length: int, truncation: str) -> list[list[int]]:
-    """Token ids of each text, cut to max_length (special tokens included) keeping its head, tail or both."""
-    specials = tokenizer.num_special_tokens_to_add()  # [CLS] and [SEP] for BERT
-    budget = max_length - specials
-    head = {"head": budget, "tail": 0, "head+tail": budget // 4}[truncation]
-    encoded = []
+def encode(tokenizer, texts: list[str], max_length: int, truncation: str, pairs: list[str] | None = None) -> dict:
+    """Token ids of each text, or of each pair of texts (texts[i], pairs[i]) in the tokenizer's pair template, cut to
+    max_length (special tokens included) by kept_positions. With pairs also token_type_ids, where the model reads
+    them (BERT: 0 for the first text and its [CLS] [SEP], 1 for the second)."""
     # Whole texts, cut below; verbose=False drops the "longer than the maximum length" warning this would raise
-    tokens = tokenizer(texts, return_special_tokens_mask=True, verbose=False)
-    for ids, special in zip(tokens["input_ids"], tokens["special_tokens_mask"]):
+    tokens = tokenizer(texts, pairs, return_special_tokens_mask=True, verbose=False)
+    columns = ["input_ids"] + (["token_type_ids"] if pairs and "token_type_ids" in tokenizer.model_input_names else [])
+    encoded = {name: [] for name in columns}
+    for row, ids in enumerate(tokens["input_ids"]):
+        keep = range(len(ids))
         if len(ids) > max_length:
-            front = special.index(0)  # special tokens before the text; the rest come after it
-            body = ids[front:len(ids) - (specials - front)]
-            ids = ids[:front] + body[:head] + body[len(body) - (budget - head):] + ids[len(ids) - (specials - front):]
-        encoded.append(ids)
+            # which text each token is of: None for special tokens, 0 for the text, 1 for a pair's second text
+            parts = (tokens.sequence_ids(row) if pairs else
+                     [None if special else 0 for special in tokens["special_tokens_mask"][row]])
+            keep = kept_positions(parts, max_length, truncation)
+        for name in columns:
+            encoded[name].append([tokens[name][row][i] for i in keep])
     return encoded
+
+
+def kept_positions(parts: list[int | None], max_length: int, truncation: str) -> list[int]:
+    """The positions of a too-long encoding that max_length keeps: every special token (None in parts), and of each
+    text its first tokens, its last, or its first quarter and last three quarters (--truncation). A pair loses
+    tokens from its longer text first, as the tokenizers' longest_first does: the shorter keeps all of its tokens
+    if it is at most half of what is left, else both keep half."""
+    texts = [[i for i, part in enumerate(parts) if part == text] for text in (0, 1)]
+    texts = [positions for positions in texts if positions]
+    budget = max_length - sum(part is None for part in parts)
+    sizes = [len(positions) for positions in texts]
+    if len(sizes) == 2:
+        shorter = sizes.index(min(sizes))
+        sizes[shorter] = min(sizes[shorter], budget // 2)
+        sizes[1 - shorter] = min(sizes[1 - shorter], budget - sizes[shorter])
+    else:
+        sizes = [min(sizes[0], budget)] if sizes else []
+    cut = set()
+    for positions, size in zip(texts, sizes):
+        head = {"head": size, "tail": 0, "head+tail": size // 4}[truncation]
+        cut.update(positions[head:len(positions) - (size - head)])
+    return [i for i in range(len(parts)) if i not in cut]
 
 
 def tokenize(dataset, tokenizer, max_length: int, truncation: str, sort_by_length: bool = False):
     """Tokenise once; padding happens per batch in the collator, so short texts stay cheap. Sorting (for
     evaluation, where order does not matter) puts texts of similar length in the same batch."""
-    dataset = dataset.map(lambda batch: {"input_ids": encode(tokenizer, batch["text"], max_length, truncation)},
-                          batched=True, remove_columns=["text"], desc="Tokenising")
+    texts = [name for name in ("text", "text_pair") if name in dataset.column_names]
+    dataset = dataset.map(lambda batch: encode(tokenizer, batch["text"], max_length, truncation,
+                                               batch["text_pair"] if "text_pair" in batch else None),
+                          batched=True, remove_columns=texts, desc="Tokenising")
     if sort_by_length:
         lengths = [len(ids) for ids in dataset["input_ids"]]
         dataset = dataset.select(sorted(range(len(lengths)), key=lengths.__getitem__))
@@ -623,7 +876,7 @@ def batch_by_tokens(dataset, max_tokens: int, runtime: Runtime, seed: int):
     offsets = pa.array(list(itertools.accumulate(sizes, initial=0)), pa.int32())
     ordered = table.take(order)
     return Dataset(pa.table({name: pa.ListArray.from_arrays(offsets, ordered[name].combine_chunks())
-                             for name in ("input_ids", "labels")}))
+                             for name in ordered.column_names}))
 
 
 def collate(rows: list[dict], pad) -> dict:
@@ -631,8 +884,8 @@ def collate(rows: list[dict], pad) -> dict:
     (training) holds a whole micro-batch of texts, and a row of tokenize (evaluation) one text."""
     texts = []
     for row in rows:
-        if isinstance(row["labels"], list):
-            texts += [{"input_ids": ids, "labels": label} for ids, label in zip(row["input_ids"], row["labels"])]
+        if row["input_ids"] and isinstance(row["input_ids"][0], list):  # a micro-batch: a list per text
+            texts += [dict(zip(row, values)) for values in zip(*row.values())]
         else:
             texts.append(row)
     return pad(texts)
@@ -642,7 +895,7 @@ def collate(rows: list[dict], pad) -> dict:
 # Model
 
 
-def load_tokenizer(source: str):
+def load_tokenizer(source: str, pairs: bool = False):
     """The tokenizer, padding on the right with a padding token. Decoder LLMs often ship without one (Llama 3,
     Mistral): they get their end-of-sequence token (else the unknown token). Their classification heads read the
     last token that is not padding, and right padding keeps every text's positions as in pretraining."""
@@ -661,7 +914,45 @@ def load_tokenizer(source: str):
                  "end-of-sequence" if stand_in == tokenizer.eos_token else "unknown", stand_in,
                  tokenizer.pad_token_id)
     tokenizer.padding_side = "right"
+    if pairs:
+        join_pairs(tokenizer, source)
     return tokenizer
+
+
+def join_pairs(tokenizer, source: str) -> None:
+    """A tokenizer whose pair template puts nothing between the two texts (SmolLM2's, GPT-2's: "$A $B") gets one
+    that does: its separator token, else its end-of-sequence token, between them, written into the tokenizer's own
+    template, so that the saved tokenizer, predict() and a pipeline given text_pair all encode pairs alike. BERT's
+    ([CLS] a [SEP] b [SEP]) and Llama 3's (<|begin_of_text|> a <|begin_of_text|> b) are kept."""
+    from tokenizers import processors
+
+    if not tokenizer.is_fast:
+        raise UserError(f"the tokenizer of {source} has no tokenizer.json (a fast tokenizer): pairs of texts need one")
+    parts = tokenizer("a", "b").sequence_ids()
+    if None in parts[parts.index(0):parts.index(1)]:  # a special token between the texts already
+        return
+    separator = tokenizer.sep_token or tokenizer.eos_token
+    if separator is None:
+        raise UserError(f"the tokenizer of {source} has no separator or end-of-sequence token to join pairs of texts")
+    template = json.loads(tokenizer.backend_tokenizer.to_str())["post_processor"] or {"type": None}
+    if template["type"] == "TemplateProcessing":  # its own template, the separator put before the second text
+        pair = list(template["pair"])
+        second = next(i for i, item in enumerate(pair) if item.get("Sequence", {}).get("id") == "B")
+        pair.insert(second, {"SpecialToken": {"id": separator, "type_id": 0}})
+        single, pair = ([f"{item['SpecialToken']['id']}:{item['SpecialToken']['type_id']}" if "SpecialToken" in item
+                         else f"${item['Sequence']['id']}:{item['Sequence']['type_id']}" for item in items]
+                        for items in (template["single"], pair))
+        specials = {token["id"]: token["ids"][0] for token in template["special_tokens"].values()}
+    elif template["type"] in (None, "ByteLevel"):  # no template: the texts as they are
+        single, pair, specials = ["$A"], ["$A:0", separator, "$B:1"], {}
+    else:
+        raise UserError(f"the tokenizer of {source} joins pairs with a {template['type']} step this script cannot "
+                        "extend: give pairs a tokenizer with a separator between them")
+    specials[separator] = tokenizer.convert_tokens_to_ids(separator)
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=" ".join(single), pair=" ".join(pair), special_tokens=list(specials.items()))
+    log.info("Pairs of texts are joined by the tokenizer's %r token (its template put nothing between them)",
+             separator)
 
 
 @contextlib.contextmanager
@@ -751,15 +1042,15 @@ def check_model(cfg: Config):
         raise UserError(f"{cfg.model} is a {config.model_type!r} model, for which transformers has no sequence-"
                         "classification class: choose a --model that AutoModelForSequenceClassification loads "
                         "(BERT, RoBERTa, DistilBERT, Llama, Mistral, Qwen2, Gemma, ...)")
-    tokenizer = load_tokenizer(cfg.model_source)
+    tokenizer = load_tokenizer(cfg.model_source, pairs=len(cfg.text_column) == 2)
     positions = min(tokenizer.model_max_length, getattr(config, "max_position_embeddings", None) or 10**9)
     if cfg.max_length > positions:
         raise UserError(f"--max-length {cfg.max_length} is more than {cfg.model} reads ({positions} tokens)")
     return tokenizer
 
 
-def quantized_load_kwargs(label_names: list[str], runtime: Runtime) -> dict:
-    """from_pretrained arguments for a 4-bit NF4 model with this head, used for training and for reloading."""
+def quantized_load_kwargs(task: Task, runtime: Runtime) -> dict:
+    """from_pretrained arguments for a 4-bit NF4 model with this task's head, used for training and for reloading."""
     from transformers import BitsAndBytesConfig
 
     quantization = BitsAndBytesConfig(
@@ -769,12 +1060,18 @@ def quantized_load_kwargs(label_names: list[str], runtime: Runtime) -> dict:
         bnb_4bit_compute_dtype=runtime.dtype,  # the default is fp32: slow on a GPU
         llm_int8_skip_modules=list(UNQUANTIZED_MODULES),  # replaces transformers' own list, so name the head
     )
-    return dict(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
-                label2id={name: i for i, name in enumerate(label_names)}, quantization_config=quantization,
+    return dict(**head_config(task), quantization_config=quantization,
                 # What stays unquantized (embeddings, norms) is frozen: the compute dtype is enough, half of fp32
                 # (Llama 3's 128,256-token embedding: 1.05 GB instead of 2.1)
                 dtype=runtime.dtype,
                 device_map={"": runtime.device})  # each process its own copy, on its own GPU
+
+
+def head_config(task: Task) -> dict:
+    """from_pretrained arguments for the task's head: its outputs, their names, and the problem type, which picks
+    the model's loss (cross-entropy, binary cross-entropy per label, mean squared error)."""
+    return dict(num_labels=task.num_labels, id2label=dict(enumerate(task.label_names)),
+                label2id={name: i for i, name in enumerate(task.label_names)}, problem_type=task.problem_type)
 
 
 def trainable_heads(model) -> dict:
@@ -787,12 +1084,12 @@ def trainable_heads(model) -> dict:
     return heads
 
 
-def load_base_model(source: str, label_names: list[str], runtime: Runtime):
-    """The base model in 4-bit NF4, with a classification head for these labels that trains in fp32."""
+def load_base_model(source: str, task: Task, runtime: Runtime):
+    """The base model in 4-bit NF4, with a head for this task that trains in fp32."""
     from transformers import AutoModelForSequenceClassification
 
     model, loading = load_pretrained(AutoModelForSequenceClassification, source, output_loading_info=True,
-                                     **quantized_load_kwargs(label_names, runtime))
+                                     **quantized_load_kwargs(task, runtime))
     # transformers' own report (quieted) lists the new head as missing; only other missing weights are news
     missing = [key for key in loading["missing_keys"] if not set(key.split(".")) & set(HEAD_MODULES)]
     if missing:
@@ -802,6 +1099,28 @@ def load_base_model(source: str, label_names: list[str], runtime: Runtime):
     for head in trainable_heads(model).values():
         head.float()
     return model
+
+
+def output_layer(model, task: Task):
+    """The head's last linear layer, which computes the task's outputs (BERT's classifier, a decoder's score)."""
+    import torch
+
+    layers = [m for head in trainable_heads(model).values() for m in head.modules()
+              if isinstance(m, torch.nn.Linear) and m.out_features == task.num_labels]
+    if not layers:
+        raise RuntimeError(f"no linear layer of {task.num_labels} outputs in the head {', '.join(trainable_heads(model))}")
+    return layers[-1]
+
+
+def start_at_mean(model, task: Task) -> None:
+    """A regression head's bias, where it has one, set to the training targets' mean (in units of target_scale):
+    the untrained model predicts the mean. Decoders' heads (score) have no bias and learn it."""
+    import torch
+
+    bias = output_layer(model, task).bias
+    if bias is not None:
+        with torch.no_grad():
+            bias.fill_(task.target_mean / task.target_scale)
 
 
 def prepare_4bit_layers(model) -> int:
@@ -842,12 +1161,14 @@ def autocast_input(module, args: tuple):
     return None
 
 
-def build_model(cfg: Config, tokenizer, label_names: list[str], runtime: Runtime):
+def build_model(cfg: Config, tokenizer, task: Task, runtime: Runtime):
     """QLoRA: 4-bit base, frozen, LoRA adapters, trainable head. Returns (model, info)."""
     from peft import LoraConfig, TaskType, get_peft_model
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
 
-    model = load_base_model(cfg.model_source, label_names, runtime)
+    model = load_base_model(cfg.model_source, task, runtime)
+    if task.kind == "regression":
+        start_at_mean(model, task)
     model.config.pad_token_id = tokenizer.pad_token_id  # where a decoder's head finds each text's last token
     # peft's prepare_model_for_kbit_training would freeze the base too, but it upcasts every weight that is not
     # 4-bit to fp32 (twice the memory for a frozen embedding); here only what trains is fp32. Gradient
@@ -1015,7 +1336,7 @@ def memory_budget(device) -> int:
     return int(MEMORY_SHARE * gpu_memory_limit(device)) - torch.cuda.memory_allocated(device)
 
 
-def memory_cost(model, runtime: Runtime, length: int, training: bool, checkpointing: bool):
+def memory_cost(model, runtime: Runtime, task: Task, length: int, training: bool, checkpointing: bool):
     """What a training step (or an evaluation batch) of texts of `length` tokens adds to the GPU memory in use:
     (bytes, bytes per text), from batches of 1 and 2 texts (after a first run that warms up), Adam's two moments
     included; None if one text does not fit."""
@@ -1035,7 +1356,8 @@ def memory_cost(model, runtime: Runtime, length: int, training: bool, checkpoint
             for batch in (1, 1, 2):
                 torch.cuda.reset_peak_memory_stats(device)
                 ids = torch.randint(model.config.vocab_size, (batch, length), device=device)
-                labels = torch.zeros(batch, dtype=torch.long, device=device)
+                labels = torch.zeros((batch, task.num_labels) if task.kind == "multi-label" else batch, device=device,
+                                     dtype=torch.long if task.kind == "classification" else torch.float)
                 with autocast, torch.set_grad_enabled(training):
                     loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
                     if training:
@@ -1066,13 +1388,13 @@ def agree(plan: BatchPlan, runtime: Runtime) -> BatchPlan:
                      any(p.gradient_checkpointing for p in plans))
 
 
-def choose_batches(cfg: Config, model, runtime: Runtime) -> BatchPlan:
+def choose_batches(cfg: Config, model, runtime: Runtime, task: Task) -> BatchPlan:
     """plan_batches for this run: on a GPU, measured at --max-length rounded up as the batches are padded."""
     budget, measure = None, None
     if runtime.device.type == "cuda":
         length = min(runtime.padded(cfg.max_length), getattr(model.config, "max_position_embeddings",
                                                              cfg.max_length))
-        budget, measure = memory_budget(runtime.device), functools.partial(memory_cost, model, runtime, length)
+        budget, measure = memory_budget(runtime.device), functools.partial(memory_cost, model, runtime, task, length)
     plan = agree(plan_batches(cfg, budget, measure), runtime)
     tokens = f" x {runtime.padded(cfg.max_length)} tokens" if cfg.batching == "tokens" else ""
     log.info("Batches: %d texts%s per optimizer step%s as %d micro-batch%s of %d%s%s%s; evaluation in batches of %d%s",
@@ -1088,19 +1410,43 @@ def choose_batches(cfg: Config, model, runtime: Runtime) -> BatchPlan:
 # Training and evaluation
 
 
-def compute_metrics(eval_pred) -> dict:
+def compute_metrics(eval_pred, task: Task) -> dict:
+    """The task's metrics (METRICS) of the model's outputs against the labels; regression's in the target's units."""
+    import numpy as np
     from sklearn.metrics import accuracy_score, f1_score
 
-    logits, labels = eval_pred
-    predictions = logits.argmax(-1)
-    binary = logits.shape[-1] == 2  # F1 of class 1 (pos) for two classes, else the mean over classes
-    return {"accuracy": accuracy_score(labels, predictions),
-            "f1": f1_score(labels, predictions, average="binary" if binary else "macro")}
+    outputs, labels = eval_pred
+    if task.kind == "classification":
+        predictions = outputs.argmax(-1)
+        binary = outputs.shape[-1] == 2  # F1 of class 1 (pos) for two classes, else the mean over classes
+        return {"accuracy": accuracy_score(labels, predictions),
+                "f1": f1_score(labels, predictions, average="binary" if binary else "macro")}
+    if task.kind == "multi-label":
+        predictions = predicted_labels(outputs, task.threshold)
+        return {"f1_micro": f1_score(labels, predictions, average="micro", zero_division=0),
+                "f1_macro": f1_score(labels, predictions, average="macro", zero_division=0),
+                "subset_accuracy": accuracy_score(labels, predictions)}  # every label of a text right
+    from scipy.stats import pearsonr, spearmanr  # scipy comes with scikit-learn
+    from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
+
+    predicted, true = outputs.reshape(-1) * task.target_scale, labels.reshape(-1) * task.target_scale
+    constant = np.ptp(predicted) == 0 or np.ptp(true) == 0  # correlation is undefined: NaN, without scipy's warning
+    return {"rmse": float(np.sqrt(mean_squared_error(true, predicted))), "mae": mean_absolute_error(true, predicted),
+            "pearson": float("nan") if constant else float(pearsonr(predicted, true)[0]),
+            "spearman": float("nan") if constant else float(spearmanr(predicted, true)[0]),
+            "r2": r2_score(true, predicted)}
+
+
+def predicted_labels(outputs, threshold: float):
+    """Multi-label: 1 where a label's probability (the sigmoid of its output) is above the threshold."""
+    import numpy as np
+
+    return (1 / (1 + np.exp(-outputs)) > threshold).astype(int)
 
 
 def make_trainer(model, tokenizer, train_ds, eval_ds, cfg: Config, runtime: Runtime, plan: BatchPlan,
-                 checkpoints: str, class_weights: list[float] | None = None, evaluate_each_epoch: bool = True,
-                 save_checkpoints: bool = True, graphs: bool = False):
+                 checkpoints: str, task: Task, class_weights: list[float] | None = None,
+                 evaluate_each_epoch: bool = True, save_checkpoints: bool = True, graphs: bool = False):
     """The Trainer for this run. eval_ds is what each epoch is evaluated on: the validation texts when the run
     holds some out (the best epoch is then kept), else the test texts. graphs: the fast path (choose_step_path),
     each training step replayed as a CUDA graph."""
@@ -1136,7 +1482,8 @@ def make_trainer(model, tokenizer, train_ds, eval_ds, cfg: Config, runtime: Runt
         save_strategy="epoch" if save_checkpoints else "no",  # a checkpoint per epoch for --resume
         save_total_limit=1,  # --resume needs only the latest (and the Trainer keeps the best beside it)
         load_best_model_at_end=keep_best,
-        metric_for_best_model="accuracy" if keep_best else None,
+        metric_for_best_model=task.best_metric if keep_best else None,
+        greater_is_better=task.greater_is_better,
         logging_strategy="epoch",  # one mean training loss per epoch, beside that epoch's evaluation
         # The filter replaces a NaN loss in the log by the mean so far (the gradients are the same either way): shown
         # as it is instead, and without the GPU sync per micro-batch that the check costs
@@ -1157,14 +1504,15 @@ def make_trainer(model, tokenizer, train_ds, eval_ds, cfg: Config, runtime: Runt
     trainer_class = graphed_trainer() if graphs else Trainer
     trainer = trainer_class(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                             data_collator=functools.partial(collate, pad=collator),
-                            processing_class=tokenizer, compute_metrics=compute_metrics, callbacks=callbacks,
-                            compute_loss_func=weighted_loss(class_weights, model) if class_weights else None)
+                            processing_class=tokenizer, compute_metrics=functools.partial(compute_metrics, task=task),
+                            callbacks=callbacks,
+                            compute_loss_func=weighted_loss(class_weights, model, task) if class_weights else None)
     trainer.remove_callback(ProgressCallback)  # for one that prints less
-    trainer.add_callback(epoch_progress())
+    trainer.add_callback(epoch_progress(task))
     return trainer
 
 
-def epoch_progress():
+def epoch_progress(task: Task):
     """The Trainer's progress bar for training, with one line per epoch's evaluation instead of its raw metric
     dictionaries, and an evaluation bar only outside training (inside, the training bar shows the progress)."""
     from transformers.trainer_callback import ProgressCallback
@@ -1175,44 +1523,63 @@ def epoch_progress():
                 super().on_prediction_step(args, state, control, **kwargs)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if state.is_world_process_zero and self.training_bar is not None and "eval_accuracy" in logs:
-                self.training_bar.write(f"Epoch {round(logs['epoch'])}: accuracy {logs['eval_accuracy']:.4f}, "
-                                        f"F1 {logs['eval_f1']:.4f}, loss {logs['eval_loss']:.4f}",
+            if state.is_world_process_zero and self.training_bar is not None and f"eval_{task.best_metric}" in logs:
+                self.training_bar.write(f"Epoch {round(logs['epoch'])}: {task.headline(logs, 'eval_')}, "
+                                        f"loss {logs['eval_loss']:.4f}",
                                         file=self.training_bar.fp)  # with the bar and the log, not on stdout
 
     return EpochProgress()
 
 
-def balanced_class_weights(labels: list[int], label_names: list[str]) -> list[float]:
-    """Each class's weight, the inverse of its share of the training texts (scikit-learn's "balanced")."""
+def balanced_weights(labels: list, task: Task) -> list[float]:
+    """Classification: each class's weight, the inverse of its share of the training texts (scikit-learn's
+    "balanced"). Multi-label: each label's weight on its positive texts, its negatives over its positives (the
+    pos_weight of binary cross-entropy), so that the texts with a label weigh as much as those without it."""
     import numpy as np
     from sklearn.utils.class_weight import compute_class_weight
 
-    absent = [name for i, name in enumerate(label_names) if i not in set(labels)]
+    if task.kind == "regression":
+        raise UserError("--class-weights balanced weighs classes, and a regression has none: leave it out")
+    hot = np.array(labels) if task.kind == "multi-label" else np.eye(len(task.label_names))[labels]
+    absent = [name for name, count in zip(task.label_names, hot.sum(axis=0)) if count == 0]
     if absent:
         raise UserError(f"--class-weights balanced: the training texts have no {', '.join(absent)}, so it cannot be "
                         "weighed; train on texts of every class")
-    weights = compute_class_weight("balanced", classes=np.arange(len(label_names)), y=labels)
-    log.info("Class weights: %s", ", ".join(f"{name} {w:.2f}" for name, w in zip(label_names, weights)))
+    if task.kind == "multi-label":
+        weights = (len(hot) - hot.sum(axis=0)) / hot.sum(axis=0)
+        log.info("Weights of each label's positive texts: %s",
+                 ", ".join(f"{name} {w:.2f}" for name, w in zip(task.label_names, weights)))
+    else:
+        weights = compute_class_weight("balanced", classes=np.arange(len(task.label_names)), y=labels)
+        log.info("Class weights: %s", ", ".join(f"{name} {w:.2f}" for name, w in zip(task.label_names, weights)))
     return weights.tolist()
 
 
-def weighted_loss(weights: list[float], model):
-    """The Trainer's loss hook (compute_loss_func): while the model trains, cross-entropy with each class weighted,
-    summed and divided by the texts of the whole optimizer step, as the Trainer expects of the hook under gradient
-    accumulation (balanced weights average 1 over the training texts, so this is their weighted mean); while it is
-    evaluated, the plain mean, so that evaluation losses compare across runs."""
+def weighted_loss(weights: list[float], model, task: Task):
+    """The Trainer's loss hook (compute_loss_func): while the model trains, cross-entropy with each class weighted
+    (multi-label: binary cross-entropy with each label's positives weighted), summed and divided by the labels of
+    the whole optimizer step, as the Trainer expects of the hook under gradient accumulation (balanced class weights
+    average 1 over the training texts, so this is their weighted mean); while it is evaluated, the plain mean, so
+    that evaluation losses compare across runs."""
     on_device = {}  # the weights copied to the GPU once: a step captured as a CUDA graph cannot copy from the host
 
     def loss(outputs, labels, num_items_in_batch=None):
         import torch
+        from torch.nn import functional
 
         logits = outputs.logits.float()
+        if task.kind == "multi-label":
+            labels = labels.to(logits.dtype)
         if not model.training:
-            return torch.nn.functional.cross_entropy(logits, labels)
+            return (functional.binary_cross_entropy_with_logits(logits, labels) if task.kind == "multi-label"
+                    else functional.cross_entropy(logits, labels))
         if logits.device not in on_device:
             on_device[logits.device] = torch.tensor(weights, device=logits.device)
-        summed = torch.nn.functional.cross_entropy(logits, labels, reduction="sum", weight=on_device[logits.device])
+        if task.kind == "multi-label":
+            summed = functional.binary_cross_entropy_with_logits(logits, labels, reduction="sum",
+                                                                 pos_weight=on_device[logits.device])
+        else:
+            summed = functional.cross_entropy(logits, labels, reduction="sum", weight=on_device[logits.device])
         return summed / (labels.numel() if num_items_in_batch is None else num_items_in_batch)
 
     return loss
@@ -1239,27 +1606,62 @@ def explain_out_of_memory(doing: str, remedy: str):
         raise UserError(f"the GPU ran out of memory {doing}: {remedy}") from e
 
 
-def evaluate(trainer, dataset, label_names: list[str], phase: str) -> dict:
-    """Accuracy, F1 and loss on the dataset, with where the model errs: each class's precision, recall, F1 and
-    support, and the confusion matrix (rows: the true class, columns: the predicted one)."""
-    from sklearn.metrics import classification_report, confusion_matrix
-
+def evaluate(trainer, dataset, task: Task, phase: str) -> dict:
+    """The task's metrics and the loss on the dataset, with where the model errs: classification, each class's
+    precision, recall, F1 and support and the confusion matrix (rows: the true class, columns: the predicted one);
+    multi-label, each label's; regression, the predictions summarised per true value."""
     with explain_out_of_memory(f"evaluating ({phase.lower()})", "lower --eval-batch-size or --max-length"):
         output = trainer.predict(dataset, metric_key_prefix="eval")
-    raw, predicted, true = output.metrics, output.predictions.argmax(-1), output.label_ids
-    classes = list(range(len(label_names)))
-    report = classification_report(true, predicted, labels=classes, target_names=label_names, output_dict=True,
-                                   zero_division=0)
-    metrics = {"accuracy": raw["eval_accuracy"], "f1": raw["eval_f1"], "loss": raw["eval_loss"],
-               "runtime_s": raw["eval_runtime"], "samples_per_s": raw["eval_samples_per_second"],
-               "per_class": {name: {key: report[name][key] for key in ("precision", "recall", "f1-score", "support")}
-                             for name in label_names},
-               "confusion_matrix": confusion_matrix(true, predicted, labels=classes).tolist()}
-    log.info("%s: accuracy %.4f, F1 %.4f (%.1f s)", phase, metrics["accuracy"], metrics["f1"], metrics["runtime_s"])
+    raw = output.metrics
+    metrics = {**{name: raw[f"eval_{name}"] for name in task.metric_names}, "loss": raw["eval_loss"],
+               "runtime_s": raw["eval_runtime"], "samples_per_s": raw["eval_samples_per_second"]}
+    if task.kind == "regression":
+        metrics["by_true_value"] = by_true_value(output.label_ids.reshape(-1) * task.target_scale,
+                                                 output.predictions.reshape(-1) * task.target_scale)
+    else:
+        metrics.update(where_it_errs(output.label_ids, output.predictions, task))
+    log.info("%s: %s (%.1f s)", phase, task.headline(metrics), metrics["runtime_s"])
     return metrics
 
 
-def train(trainer, resume: bool, device, texts: int) -> tuple[list[dict], dict]:
+def where_it_errs(true, outputs, task: Task) -> dict:
+    """Each class's (or label's) precision, recall, F1 and support; for classification the confusion matrix too."""
+    from sklearn.metrics import classification_report, confusion_matrix
+
+    multi = task.kind == "multi-label"
+    predicted = predicted_labels(outputs, task.threshold) if multi else outputs.argmax(-1)
+    classes = list(range(len(task.label_names)))
+    report = classification_report(true.astype(int) if multi else true, predicted, labels=classes,
+                                   target_names=task.label_names, output_dict=True, zero_division=0)
+    per = {name: {key: report[name][key] for key in ("precision", "recall", "f1-score", "support")}
+           for name in task.label_names}
+    if multi:
+        return {"per_label": per}
+    return {"per_class": per, "confusion_matrix": confusion_matrix(true, predicted, labels=classes).tolist()}
+
+
+def by_true_value(true, predicted) -> list[dict]:
+    """Regression: the predictions for each true value (or for each twentieth of their range, if the targets take
+    more than 20 values): how many, their mean and quartiles. predicted_chart draws them."""
+    import numpy as np
+
+    values = np.unique(true)
+    if len(values) <= 20:
+        centres, bins = values, np.searchsorted(values, true)
+    else:
+        edges = np.linspace(values[0], values[-1], 21)
+        centres, bins = (edges[:-1] + edges[1:]) / 2, np.clip(np.searchsorted(edges, true, side="right") - 1, 0, 19)
+    summary = []
+    for i, centre in enumerate(centres):
+        chosen = predicted[bins == i]
+        if len(chosen):
+            p25, p75 = np.percentile(chosen, [25, 75])
+            summary.append({"true": float(centre), "count": int(len(chosen)), "mean": float(chosen.mean()),
+                            "p25": float(p25), "p75": float(p75)})
+    return summary
+
+
+def train(trainer, resume: bool, device, texts: int, task: Task) -> tuple[list[dict], dict]:
     """Trains on `texts` training texts, evaluating after every epoch. Returns (history per epoch, training run
     figures)."""
     import torch
@@ -1270,8 +1672,8 @@ def train(trainer, resume: bool, device, texts: int) -> tuple[list[dict], dict]:
     history: dict[float, dict] = {}
     for entry in trainer.state.log_history:
         epoch = history.setdefault(round(entry["epoch"]), {"epoch": round(entry["epoch"])})
-        if "eval_accuracy" in entry:
-            epoch.update(accuracy=entry["eval_accuracy"], f1=entry["eval_f1"], loss=entry["eval_loss"],
+        if f"eval_{task.best_metric}" in entry:
+            epoch.update({name: entry[f"eval_{name}"] for name in task.metric_names}, loss=entry["eval_loss"],
                          eval_runtime_s=entry["eval_runtime"])
         elif "loss" in entry:
             epoch["train_loss"] = entry["loss"]
@@ -1288,10 +1690,11 @@ def train(trainer, resume: bool, device, texts: int) -> tuple[list[dict], dict]:
         log.info("Micro-batches: %d replayed from %d CUDA graphs (their captures included), %d eager",
                  graphs.counts["replayed"] + graphs.counts["captured"], graphs.counts["captured"],
                  graphs.counts["eager"])
-    evaluated = [history[e] for e in sorted(history) if "accuracy" in history[e]]
+    evaluated = [history[e] for e in sorted(history) if task.best_metric in history[e]]
     if trainer.args.load_best_model_at_end:  # the Trainer reloaded the best epoch's weights
-        run["best_epoch"] = next(h["epoch"] for h in evaluated if h["accuracy"] == trainer.state.best_metric)
-        log.info("Kept epoch %d, the most accurate on the validation texts", run["best_epoch"])
+        run["best_epoch"] = next(h["epoch"] for h in evaluated if h[task.best_metric] == trainer.state.best_metric)
+        log.info("Kept epoch %d, the best by %s on the validation texts", run["best_epoch"],
+                 METRIC_NAMES[task.best_metric])
     return evaluated, run
 
 
@@ -1462,12 +1865,18 @@ def save(model, tokenizer, metrics: dict, serving: dict, model_dir: str) -> None
     log.info("Saved the model to %s", model_dir)
 
 
-def plot(metrics: dict, images_dir: str) -> list[str]:
-    """bar_chart.png: accuracy and F1 before and after training; line_chart.png: accuracy per epoch;
-    confusion_matrix.png: where the trained model errs."""
+def plot(metrics: dict, task: Task, images_dir: str) -> list[str]:
+    """bar_chart.png: the task's two headline metrics before and after training; line_chart.png: the metric that
+    picks the best epoch, per epoch; and where the trained model errs: confusion_matrix.png (classification),
+    label_f1.png (multi-label: each label's F1 before and after), predicted_vs_true.png (regression)."""
     os.makedirs(images_dir, exist_ok=True)
-    figures = {"bar_chart.png": bar_chart(metrics), "line_chart.png": line_chart(metrics),
-               "confusion_matrix.png": confusion_chart(metrics["after"]["confusion_matrix"], metrics["label_names"])}
+    after = metrics["after"]
+    errs = {"classification": ("confusion_matrix.png", lambda: confusion_chart(after["confusion_matrix"],
+                                                                               task.label_names)),
+            "multi-label": ("label_f1.png", lambda: label_f1_chart(metrics["before"]["per_label"], after["per_label"])),
+            "regression": ("predicted_vs_true.png", lambda: predicted_chart(after["by_true_value"]))}[task.kind]
+    figures = {"bar_chart.png": bar_chart(metrics, task), "line_chart.png": line_chart(metrics, task),
+               errs[0]: errs[1]()}
     paths = []
     for name, figure in figures.items():
         paths.append(os.path.join(images_dir, name))
@@ -1476,50 +1885,100 @@ def plot(metrics: dict, images_dir: str) -> list[str]:
     return paths
 
 
-def bar_chart(metrics: dict):
+def bar_chart(metrics: dict, task: Task):
+    """The task's two headline metrics before and after training, side by side; for regression each in its own
+    panel (RMSE in the target's units, Pearson's correlation in [-1, 1])."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
 
-    bar = Figure(figsize=(6, 4), layout="constrained")
-    ax = bar.subplots()
+    names = task.metric_names[:2]
+    panels = [names] if task.kind != "regression" else [names[:1], ("pearson",)]
+    bar = Figure(figsize=(6 if len(panels) == 1 else 8, 4), layout="constrained")
+    axes = bar.subplots(1, len(panels), squeeze=False)[0]
     width = 0.38
     phases = (("before training", metrics["before"]), ("after training", metrics["after"]))
-    for offset, (name, values) in zip((-width / 2, width / 2), phases):
-        bars = ax.bar([i + offset for i in range(2)], [values["accuracy"], values["f1"]], width, label=name)
-        ax.bar_label(bars, fmt="%.3f", padding=2)
-    ax.set_xticks(range(2), ["Accuracy", "F1"])
-    ax.set_ylim(0, 1.25)  # headroom for the legend above bars that reach 1.0
-    ax.set_ylabel("score on the test set")
-    ax.set_title(f"QLoRA fine-tuning of {os.path.basename(metrics['config']['model'].rstrip('/'))}")
-    ax.legend(loc="upper center", ncol=2)
+    for ax, shown in zip(axes, panels):
+        top = max(1.0, *(abs(values[name]) for _, values in phases for name in shown))
+        for offset, (phase, values) in zip((-width / 2, width / 2), phases):
+            bars = ax.bar([i + offset for i in range(len(shown))], [values[name] for name in shown], width,
+                          label=phase)
+            ax.bar_label(bars, fmt="%.3f", padding=2)
+        ax.set_xticks(range(len(shown)), [METRIC_NAMES[name] for name in shown])
+        ax.set_ylim(min(0, *(values[name] for _, values in phases for name in shown)) * 1.25,
+                    1.25 * top)  # headroom for the legend above bars that reach the top
+        ax.legend(loc="upper center", ncol=2)
+    axes[0].set_ylabel("score on the test set")
+    bar.suptitle(f"QLoRA fine-tuning of {os.path.basename(metrics['config']['model'].rstrip('/'))}")
     return bar
 
 
-def line_chart(metrics: dict):
-    """Accuracy per epoch on the texts each epoch was evaluated on: the validation texts if the run held some
-    out, else the test texts."""
+def line_chart(metrics: dict, task: Task):
+    """The metric that picks the best epoch (accuracy, micro F1 or RMSE), per epoch, on the texts each epoch was
+    evaluated on: the validation texts if the run held some out, else the test texts."""
     from matplotlib.figure import Figure
 
     start = metrics.get("validation_before", metrics["before"])
     texts = "validation" if "validation_before" in metrics else "test"
+    name = task.best_metric
     line = Figure(figsize=(6, 4), layout="constrained")
     ax = line.subplots()
     epochs = [0] + [h["epoch"] for h in metrics["history"]]
-    accuracy = [start["accuracy"]] + [h["accuracy"] for h in metrics["history"]]
-    ax.plot(epochs, accuracy, marker="o", label="after each epoch of training")
-    ax.axhline(start["accuracy"], color="gray", linestyle="--", label=f"before training ({start['accuracy']:.3f})")
-    for x, y in zip(epochs[1:], accuracy[1:]):
+    values = [start[name]] + [h[name] for h in metrics["history"]]
+    ax.plot(epochs, values, marker="o", label="after each epoch of training")
+    ax.axhline(start[name], color="gray", linestyle="--", label=f"before training ({start[name]:.3f})")
+    for x, y in zip(epochs[1:], values[1:]):
         ax.annotate(f"{y:.3f}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center")
     best = metrics["training"].get("best_epoch")
     if best:
-        ax.plot([best], [accuracy[epochs.index(best)]], marker="o", markersize=14, fillstyle="none", color="C3",
+        ax.plot([best], [values[epochs.index(best)]], marker="o", markersize=14, fillstyle="none", color="C3",
                 linestyle="none", label=f"kept: epoch {best}")
     ax.set_xticks(epochs)
     ax.set_xlabel("epoch (0 = untrained)")
-    ax.set_ylabel(f"accuracy on the {texts} set")
-    ax.set_ylim(0, 1.05)
-    ax.set_title("Accuracy per epoch")
-    ax.legend(loc="lower right")
+    ax.set_ylabel(f"{METRIC_NAMES[name]} on the {texts} set" + (" (lower is better)" if name == "rmse" else ""))
+    ax.set_ylim(0, 1.05 if task.greater_is_better else 1.2 * max(values))
+    ax.set_title(f"{METRIC_NAMES[name][0].upper()}{METRIC_NAMES[name][1:]} per epoch")
+    ax.legend(loc="lower right" if task.greater_is_better else "upper right")
     return line
+
+
+def label_f1_chart(before: dict, after: dict):
+    """Multi-label: each label's F1 on the test set before and after training, with its support."""
+    from matplotlib.figure import Figure
+
+    names = list(after)
+    figure = Figure(figsize=(7, max(3, 1 + 0.45 * len(names))), layout="constrained")
+    ax = figure.subplots()
+    height = 0.38
+    for offset, (phase, values) in zip((height / 2, -height / 2), (("before training", before),
+                                                                    ("after training", after))):
+        bars = ax.barh([len(names) - 1 - i + offset for i in range(len(names))],
+                       [values[name]["f1-score"] for name in names], height, label=phase)
+        ax.bar_label(bars, fmt="%.3f", padding=2)
+    ax.set_yticks(range(len(names)), [f"{name} ({int(after[name]['support'])})" for name in reversed(names)])
+    ax.set_xlim(0, 1.2)
+    ax.set_xlabel("F1 on the test set")
+    ax.set_title("Each label's F1 (its texts in the test set)")
+    ax.legend(loc="lower right")
+    return figure
+
+
+def predicted_chart(summary: list[dict]):
+    """Regression: the mean prediction for each true value, with the middle half of the predictions, against the
+    line where the prediction equals the truth."""
+    from matplotlib.figure import Figure
+
+    true = [row["true"] for row in summary]
+    figure = Figure(figsize=(6, 5), layout="constrained")
+    ax = figure.subplots()
+    ax.fill_between(true, [row["p25"] for row in summary], [row["p75"] for row in summary], alpha=0.3,
+                    label="middle half of the predictions")
+    ax.plot(true, [row["mean"] for row in summary], marker="o", label="mean prediction")
+    low, high = min(true[0], *(row["p25"] for row in summary)), max(true[-1], *(row["p75"] for row in summary))
+    ax.plot([low, high], [low, high], color="gray", linestyle="--", label="prediction = true value")
+    ax.set_xlabel("true value")
+    ax.set_ylabel("predicted value")
+    ax.set_title("Predictions against true values (test set)")
+    ax.legend(loc="upper left")
+    return figure
 
 
 def confusion_chart(counts: list[list[int]], label_names: list[str]):
@@ -1554,24 +2013,35 @@ def confusion_chart(counts: list[list[int]], label_names: list[str]):
 SERVING_FILE = "serving.json"  # beside the adapter: what serving needs besides the weights
 
 
-def serving_settings(cfg: Config, label_names: list[str], plan: BatchPlan, runtime: Runtime) -> dict:
+def serving_settings(cfg: Config, task: Task, plan: BatchPlan, runtime: Runtime) -> dict:
     """What a Classifier needs to serve the model as it was trained, written to SERVING_FILE."""
-    return {"label_names": label_names, "max_length": cfg.max_length, "truncation": cfg.truncation,
-            "batch_size": plan.eval_batch, "precision": runtime.precision}
+    return {"label_names": task.label_names, "max_length": cfg.max_length, "truncation": cfg.truncation,
+            "batch_size": plan.eval_batch, "precision": runtime.precision,
+            "task": {key: value for key, value in asdict(task).items() if key != "label_names"}}
+
+
+def serving_task(settings: dict) -> Task:
+    """The Task a saved model serves (classification for a folder saved before SERVING_FILE named one)."""
+    return Task(label_names=settings["label_names"], **settings.get("task", {"kind": "classification"}))
 
 
 class Classifier:
-    """A trained model that classifies texts, loaded from the folder a training run saved:
+    """A trained model that classifies texts (or pairs of texts, or scores them: its Task), loaded from the folder a
+    training run saved:
 
         classifier = Classifier.load("outputs/imdb_qlora/model")
         classifier(["Loved it.", "Hated it."])   # [{'text': ..., 'neg_prob': ..., 'pos_prob': ..., 'label': ...}, ...]
     """
 
-    def __init__(self, model, tokenizer, label_names: list[str], max_length: int, truncation: str,
-                 runtime: Runtime, batch_size: int):
-        self.model, self.tokenizer, self.runtime = model, tokenizer, runtime
-        self.label_names, self.max_length, self.truncation = label_names, max_length, truncation
+    def __init__(self, model, tokenizer, task: Task, max_length: int, truncation: str, runtime: Runtime,
+                 batch_size: int):
+        self.model, self.tokenizer, self.task, self.runtime = model, tokenizer, task, runtime
+        self.max_length, self.truncation = max_length, truncation
         self.batch_size = batch_size  # the evaluation batch the training run chose, unless a call gives another
+
+    @property
+    def label_names(self) -> list[str]:
+        return self.task.label_names
 
     @classmethod
     def load(cls, model_dir: str) -> Classifier:
@@ -1579,22 +2049,47 @@ class Classifier:
         notebook's predict() prints nothing it did not ask for."""
         with quiet_transformers():
             model, tokenizer, settings, runtime = load_trained(model_dir)
-            return cls(serving_model(model, runtime), tokenizer, settings["label_names"], settings["max_length"],
+            return cls(serving_model(model, runtime), tokenizer, serving_task(settings), settings["max_length"],
                        settings["truncation"], runtime, settings["batch_size"])
 
-    def __call__(self, texts: str | list[str], batch_size: int | None = None):
-        """One text (returns a dict) or a list of texts (returns a list of dicts), as predict()."""
-        items = texts_to_classify(texts)
-        results = []
-        for text, probs in zip(items, self.probabilities(items, batch_size)):
-            result = {"text": text}
-            result.update({f"{name}_prob": p for name, p in zip(self.label_names, probs)})
-            result["label"] = self.label_names[max(range(len(probs)), key=probs.__getitem__)]
-            results.append(result)
-        return results[0] if isinstance(texts, str) else results
+    def __call__(self, texts, batch_size: int | None = None):
+        """One text or pair (returns a dict) or a list of them (returns a list of dicts), as predict()."""
+        items, single = inputs_to_classify(texts, self.task.pairs)
+        task = self.task
+        if task.kind == "regression":
+            results = [{"score": score} for score in self.scores(items, batch_size)]
+        else:
+            results = []
+            for probs in self.probabilities(items, batch_size):
+                result = {f"{name}_prob": p for name, p in zip(task.label_names, probs)}
+                if task.kind == "multi-label":
+                    result["labels"] = [name for name, p in zip(task.label_names, probs) if p > task.threshold]
+                else:
+                    result["label"] = task.label_names[max(range(len(probs)), key=probs.__getitem__)]
+                results.append(result)
+        results = [{**({"text": item[0], "text_pair": item[1]} if task.pairs else {"text": item}), **result}
+                   for item, result in zip(items, results)]
+        return results[0] if single else results
 
-    def probabilities(self, texts: list[str], batch_size: int | None = None) -> list[list[float]]:
-        """Class probabilities for each text, in batches, truncated to the training length."""
+    @property
+    def result_columns(self) -> dict:
+        """The keys of a prediction that predict_file writes, each with the column it goes to."""
+        probs = {f"{name}_prob": f"{name}_prob" for name in self.task.label_names}
+        return {"classification": {"label": "predicted_label", **probs},
+                "multi-label": {"labels": "predicted_labels", **probs},
+                "regression": {"score": "predicted_score"}}[self.task.kind]
+
+    def probabilities(self, texts: list, batch_size: int | None = None) -> list[list[float]]:
+        """Each class's probability (softmax) for each text or pair; multi-label: each label's (sigmoid)."""
+        logits = self.logits(texts, batch_size)
+        return (logits.sigmoid() if self.task.kind == "multi-label" else logits.softmax(-1)).tolist()
+
+    def scores(self, texts: list, batch_size: int | None = None) -> list[float]:
+        """Regression: each text's predicted value, in the target's units."""
+        return (self.logits(texts, batch_size)[:, 0] * self.task.target_scale).tolist()
+
+    def logits(self, texts: list, batch_size: int | None = None):
+        """The model's outputs for each text (or pair), in batches, truncated to the training length, in order."""
         import torch
 
         batch_size = batch_size or self.batch_size
@@ -1602,26 +2097,30 @@ class Classifier:
         autocast = torch.autocast(device.type, dtype=self.runtime.dtype, enabled=self.runtime.precision != "fp32")
         # Texts of similar length batch together with little padding; sorting by characters rather than tokens
         # lets each batch be tokenised just before it runs
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        length = (lambda i: len(texts[i][0]) + len(texts[i][1])) if self.task.pairs else (lambda i: len(texts[i]))
+        order = sorted(range(len(texts)), key=length)
         batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
 
         def prepare(batch: list[int]):
-            encoded = encode(self.tokenizer, [texts[i] for i in batch], self.max_length, self.truncation)
+            chosen = [texts[i] for i in batch]
+            encoded = encode(self.tokenizer, [t[0] for t in chosen] if self.task.pairs else chosen, self.max_length,
+                             self.truncation, [t[1] for t in chosen] if self.task.pairs else None)
             tensors = pad_batch(encoded, self.tokenizer.pad_token_id, self.runtime)
-            return [t.pin_memory() for t in tensors] if device.type == "cuda" else tensors  # copies wait for nothing
+            # pinned, the copies to the GPU wait for nothing
+            return {k: t.pin_memory() for k, t in tensors.items()} if device.type == "cuda" else tensors
 
         logits = []
         with torch.inference_mode(), autocast, attention_kernels(self.runtime):
-            for ids, mask in prepared_ahead(prepare, batches):
+            for tensors in prepared_ahead(prepare, batches):
                 with explain_out_of_memory(f"predicting in batches of {batch_size}", "pass a smaller batch_size "
                                            "(--batch-size in the shell)"):
                     # The logits stay on the device: nothing here waits for the GPU to finish a batch
-                    logits.append(self.model(input_ids=ids.to(device, non_blocking=True),
-                                             attention_mask=mask.to(device, non_blocking=True)).logits.float())
-        probabilities: list = [None] * len(texts)
-        for i, p in zip(order, torch.cat(logits).softmax(-1).tolist()):
-            probabilities[i] = p
-        return probabilities
+                    logits.append(self.model(**{k: t.to(device, non_blocking=True) for k, t in tensors.items()})
+                                  .logits.float())
+        outputs = torch.cat(logits)
+        ordered = torch.empty_like(outputs)
+        ordered[torch.tensor(order, device=outputs.device)] = outputs
+        return ordered
 
 
 def load_trained(model_dir: str, dequantized: bool = False):
@@ -1633,12 +2132,12 @@ def load_trained(model_dir: str, dequantized: bool = False):
     from peft import PeftConfig, PeftModel
 
     settings = read_serving_settings(model_dir)
+    task = serving_task(settings)
     runtime = decide_runtime("auto")
-    base = load_base_model(PeftConfig.from_pretrained(model_dir).base_model_name_or_path, settings["label_names"],
-                           runtime)
+    base = load_base_model(PeftConfig.from_pretrained(model_dir).base_model_name_or_path, task, runtime)
     if dequantized:
         base.dequantize(dtype=torch.float32)  # exact: fp32 holds every NF4 value
-    tokenizer = load_tokenizer(model_dir)  # as saved: with the padding token training chose
+    tokenizer = load_tokenizer(model_dir, task.pairs)  # as saved: with the padding token and pair template chosen
     base.config.pad_token_id = tokenizer.pad_token_id
     model = PeftModel.from_pretrained(base, model_dir)  # the adapter, and the trained head over the fp32 copy
     if not dequantized:
@@ -1659,9 +2158,12 @@ def read_serving_settings(model_dir: str) -> dict:
                         "(or point model_dir / --model-dir at the folder a run saved)")
     with open(metrics) as f:
         saved = json.load(f)
-    return {"label_names": saved["label_names"], "max_length": saved["config"]["max_length"],
-            "truncation": saved["config"]["truncation"], "precision": saved["precision"],
-            "batch_size": saved.get("batches", {}).get("eval_batch", DEFAULT_EVAL_BATCH)}
+    settings = {"label_names": saved["label_names"], "max_length": saved["config"]["max_length"],
+                "truncation": saved["config"]["truncation"], "precision": saved["precision"],
+                "batch_size": saved.get("batches", {}).get("eval_batch", DEFAULT_EVAL_BATCH)}
+    if "task" in saved:
+        settings["task"] = {key: value for key, value in saved["task"].items() if key != "label_names"}
+    return settings
 
 
 def serving_model(model, runtime: Runtime):
@@ -1687,18 +2189,23 @@ def serving_model(model, runtime: Runtime):
     return model
 
 
-def pad_batch(encoded: list[list[int]], pad_id: int, runtime: Runtime):
-    """(input_ids, attention_mask) tensors of these texts, padded on the right to the runtime's multiple: what
-    tokenizer.pad returns, built with numpy in one step instead of text by text in Python, which is several times
-    slower (benchmarks/NOTES.md) while the GPU waits for it."""
+def pad_batch(encoded: dict, pad_id: int, runtime: Runtime) -> dict:
+    """The tensors of these texts (encode's input_ids, and token_type_ids for pairs where the model reads them),
+    padded on the right to the runtime's multiple, with their attention_mask: what tokenizer.pad returns, built with
+    numpy in one step instead of text by text in Python, which is several times slower (benchmarks/NOTES.md) while
+    the GPU waits for it."""
     import numpy as np
     import torch
 
-    lengths = np.array([len(ids) for ids in encoded])
+    lengths = np.array([len(ids) for ids in encoded["input_ids"]])
     mask = np.arange(runtime.padded(int(lengths.max()))) < lengths[:, None]
-    ids = np.full(mask.shape, pad_id, dtype=np.int64)
-    ids[mask] = np.fromiter(itertools.chain.from_iterable(encoded), np.int64, count=int(lengths.sum()))
-    return torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))
+    tensors = {}
+    for name, rows in encoded.items():
+        padded = np.full(mask.shape, pad_id if name == "input_ids" else 0, dtype=np.int64)
+        padded[mask] = np.fromiter(itertools.chain.from_iterable(rows), np.int64, count=int(lengths.sum()))
+        tensors[name] = torch.from_numpy(padded)
+    tensors["attention_mask"] = torch.from_numpy(mask.astype(np.int64))
+    return tensors
 
 
 def prepared_ahead(prepare, batches: list, ahead: int = 2):
@@ -1716,33 +2223,54 @@ def prepared_ahead(prepare, batches: list, ahead: int = 2):
             yield pending.popleft().result()
 
 
-def texts_to_classify(texts) -> list[str]:
-    """The texts of one string or of a list (any iterable) of strings; a TypeError or ValueError that says what
+def inputs_to_classify(texts, pairs: bool = False) -> tuple[list, bool]:
+    """(the items, whether one was given): the texts of one string or of a list (any iterable) of strings; for a
+    model of pairs, one pair (a tuple of two strings) or a list of pairs. A TypeError or ValueError that says what
     predict() takes otherwise."""
+    takes = "a pair of texts (text, text_pair) or a list of pairs" if pairs else "a text or a list of texts"
+    single = isinstance(texts, str) or (pairs and isinstance(texts, tuple) and len(texts) == 2
+                                        and all(isinstance(t, str) for t in texts))
     try:
-        items = [texts] if isinstance(texts, str) else list(texts)
+        items = [texts] if single else list(texts)
     except TypeError:
-        raise TypeError(f"predict() takes a text or a list of texts, not {type(texts).__name__} {texts!r}") from None
+        raise TypeError(f"predict() takes {takes}, not {type(texts).__name__} {texts!r}") from None
     if not items:
         raise UserError("predict() needs at least one text")
-    not_text = [t for t in items if not isinstance(t, str)]
-    if not_text:
-        raise TypeError(f"predict() takes texts (str); got {type(not_text[0]).__name__} {not_text[0]!r} in the list")
-    return items
+    for item in items:
+        if pairs and not (isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(t, str) for t in item)):
+            raise TypeError(f"this model classifies pairs of texts: predict() takes {takes}; got "
+                            f"{type(item).__name__} {item!r}")
+        if not pairs and not isinstance(item, str):
+            kind = "a pair: this model classifies single texts" if isinstance(item, (tuple, list)) else "not a text"
+            raise TypeError(f"predict() takes {takes} (str); got {type(item).__name__} {item!r} in the list, {kind}")
+    return [tuple(item) for item in items] if pairs else items, single
 
 
-def predict(texts: str | list[str], model_dir: str = DEFAULT_MODEL_DIR, batch_size: int | None = None):
+def predict(texts, model_dir: str = DEFAULT_MODEL_DIR, batch_size: int | None = None):
     """Classify one text (returns a dict) or a list of texts (returns a list of dicts).
 
     Each dict is {"text", "<name>_prob" for each class, "label"}; for IMDb {"text", "neg_prob", "pos_prob",
-    "label"} with label "neg" or "pos". Loads the model saved in model_dir (default outputs/imdb_qlora/model) once
-    and keeps it until a new model is saved there (Classifier.load does the same without keeping it). Runs on a
-    GPU if there is one, else on the CPU, in batches of batch_size texts (default: the evaluation batch the
-    training run chose). Texts longer than the training --max-length are truncated; an empty text is classified
-    like any other (the model sees only its special tokens) and gets the model's prior guess.
+    "label"} with label "neg" or "pos". A model trained on pairs takes a pair ("premise", "hypothesis") or a list of
+    pairs, and adds "text_pair"; a multi-label model gives "labels", the list of labels over its threshold, beside
+    each label's probability; a regression model gives {"text", "score"}. Loads the model saved in model_dir (default
+    outputs/imdb_qlora/model) once and keeps it until a new model is saved there (Classifier.load does the same
+    without keeping it). Runs on a GPU if there is one, else on the CPU, in batches of batch_size texts (default:
+    the evaluation batch the training run chose). Texts longer than the training --max-length are truncated; an
+    empty text is classified like any other (the model sees only its special tokens) and gets the model's prior
+    guess.
     """
-    texts_to_classify(texts)  # a wrong argument is reported before any model loads
+    inputs_to_classify(texts, serving_task(read_serving_settings(model_dir)).pairs)  # before any model loads
     return cached_classifier(model_dir)(texts, batch_size)
+
+
+def texts_given(texts: list[str], model_dir: str) -> list:
+    """The texts of the predict command: as they are, or for a model of pairs taken two at a time."""
+    if not serving_task(read_serving_settings(model_dir)).pairs:
+        return texts
+    if len(texts) % 2:
+        raise UserError(f"the model in {model_dir} classifies pairs of texts: give them two at a time (text, "
+                        f"text_pair, ...); got {len(texts)} texts")
+    return list(zip(texts[::2], texts[1::2]))
 
 
 def cached_classifier(model_dir: str) -> Classifier:
@@ -1762,42 +2290,53 @@ def _load_once(path: str, saved: tuple | None) -> Classifier:
 PREDICT_CHUNK = 10_000  # rows read, classified and written at a time: the memory a file of any length takes
 
 
-def predict_file(path: str, output: str, text_column: str = "text", model_dir: str = DEFAULT_MODEL_DIR,
+def predict_file(path: str, output: str, text_column: str | list[str] = "text", model_dir: str = DEFAULT_MODEL_DIR,
                  batch_size: int | None = None, chunk_rows: int = PREDICT_CHUNK) -> int:
     """Classifies every row of a csv, json/jsonl or parquet file into `output` (csv, JSON lines or parquet), in
-    order, each row with its columns, the predicted label and each class's probability. Reads, classifies and
-    writes chunk_rows rows at a time; `output` appears whole or not at all. Returns the number of rows."""
+    order, each row with its columns and its prediction (the predicted label and each class's probability; the
+    labels over the threshold, a list, and each label's; or the predicted score). A model of pairs reads two
+    columns, named in text_column. Reads, classifies and writes chunk_rows rows at a time; `output` appears whole
+    or not at all. Returns the number of rows."""
     import pyarrow as pa
     from tqdm.auto import tqdm
 
+    columns = [text_column] if isinstance(text_column, str) else list(text_column)
+    pairs = serving_task(read_serving_settings(model_dir)).pairs
+    if len(columns) != (2 if pairs else 1):
+        takes = "pairs of texts: name their two columns" if pairs else "single texts: name one column"
+        raise UserError(f"the model in {model_dir} classifies {takes} with --text-column (given: {' '.join(columns)})")
     chunks = read_chunks(path, chunk_rows)
     first = next(chunks, None)  # the file's columns are checked before the model loads
-    if first is not None and text_column not in first:
-        raise UserError(f"--file {path} has no column {text_column!r} (its columns: {', '.join(first)}); name the "
+    missing = [c for c in columns if first is not None and c not in first]
+    if missing:
+        raise UserError(f"--file {path} has no column {missing[0]!r} (its columns: {', '.join(first)}); name the "
                         "right one with --text-column")
     classifier = cached_classifier(model_dir)
-    added = ["predicted_label", *(f"{name}_prob" for name in classifier.label_names)]
+    added = classifier.result_columns
     staging = os.path.join(os.path.dirname(os.path.abspath(output)), f".{os.path.basename(output)}.partial")
     done = 0
     try:
         with (TableWriter(staging, file_builder(output)) as writer,
               tqdm(total=count_rows(path), unit=" rows", desc="Predicting") as bar):
             for chunk in itertools.chain([first] if first else [], chunks):
-                taken = [c for c in added if c in chunk]
+                taken = [c for c in added.values() if c in chunk]
                 if taken:
                     raise UserError(f"--file {path} already has a column {taken[0]!r}, which the predictions add")
-                texts = chunk[text_column]
-                bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
-                if bad is not None:
-                    raise UserError(f"--file {path}: row {done + bad} holds no text in {text_column!r} "
-                                    f"({texts[bad]!r}); fill it in or drop the row")
-                rows = classifier(texts, batch_size)  # a dict per text: its label and each class's probability
-                table = pa.table(chunk).append_column(added[0], pa.array([row["label"] for row in rows]))
-                for name, column in zip(classifier.label_names, added[1:]):
-                    table = table.append_column(column, pa.array([row[f"{name}_prob"] for row in rows], pa.float64()))
+                texts = [chunk[c] for c in columns]
+                for column, values in zip(columns, texts):
+                    bad = next((i for i, t in enumerate(values) if not isinstance(t, str)), None)
+                    if bad is not None:
+                        raise UserError(f"--file {path}: row {done + bad} holds no text in {column!r} "
+                                        f"({values[bad]!r}); fill it in or drop the row")
+                rows = classifier(list(zip(*texts)) if pairs else texts[0], batch_size)  # a dict per row
+                table = pa.table(chunk)
+                for key, column in added.items():
+                    values = [row[key] for row in rows]
+                    table = table.append_column(column, pa.array(values, pa.float64() if key.endswith("_prob")
+                                                                 or key == "score" else None))
                 writer.write(table)
-                done += len(texts)
-                bar.update(len(texts))
+                done += len(rows)
+                bar.update(len(rows))
         os.replace(staging, output)
     finally:
         if os.path.exists(staging):
@@ -1839,12 +2378,18 @@ class TableWriter:
         self.kind, self.file, self.writer, self.schema = kind, open(path, "wb"), None, None
 
     def write(self, table) -> None:
+        import pyarrow as pa
         import pyarrow.csv
         import pyarrow.parquet as pq
 
         if self.kind == "json":
             self.file.write(table.to_pandas().to_json(orient="records", lines=True, force_ascii=False).encode())
             return
+        if self.kind == "csv":  # a csv cell holds no list (a multi-label prediction): written as JSON text
+            for i, column in enumerate(table.columns):
+                if pa.types.is_list(column.type):
+                    table = table.set_column(i, table.field(i).name,
+                                             pa.array([json.dumps(v) for v in column.to_pylist()], pa.string()))
         if self.writer is None:
             make = pq.ParquetWriter if self.kind == "parquet" else pyarrow.csv.CSVWriter
             self.writer, self.schema = make(self.file, table.schema), table.schema
@@ -1869,6 +2414,13 @@ def export_merged(model_dir: str, out: str) -> str:
     with quiet_transformers():
         model, tokenizer, settings, _ = load_trained(model_dir, dequantized=True)
         merged = model.merge_and_unload()  # LoRA into the fp32 weights, the trained head in place of the new one
+        task = serving_task(settings)
+        if task.kind == "regression":  # the output in the target's units, as the pipeline returns it unchanged
+            layer = output_layer(merged, task)
+            with torch.no_grad():
+                for tensor in (layer.weight, layer.bias):
+                    if tensor is not None:
+                        tensor.mul_(task.target_scale)
         dtype = torch.bfloat16 if settings["precision"] == "bf16" else torch.float16  # fp16 for a T4
         merged.to(dtype)
         tokenizer.model_max_length = settings["max_length"]  # where the pipeline truncates
@@ -1880,8 +2432,7 @@ def export_merged(model_dir: str, out: str) -> str:
         except BaseException:
             shutil.rmtree(staging)
             raise
-    log.info("Wrote %s: %s in %s with LoRA merged, labels %s", out, type(merged).__name__, str(dtype)[6:],
-             settings["label_names"])
+    log.info("Wrote %s: %s in %s with LoRA merged, %s", out, type(merged).__name__, str(dtype)[6:], task.describe())
     if settings["truncation"] != "head":
         log.info("pipeline(..., truncation=True) keeps the first %d tokens of a longer text; this model was trained "
                  "on their %s", settings["max_length"], settings["truncation"])
@@ -1918,8 +2469,8 @@ def run(cfg: Config) -> dict:
     # Every check before the model's weights load: the data's first (datasets only), then what transformers and
     # the model's config tell; the output folder's last, so that it hides none of the others
     data = load_data(cfg)
-    weights = (balanced_class_weights(data.train["labels"], data.label_names)
-               if cfg.class_weights == "balanced" else None)
+    task = data.task  # what the model learns, decided once from the labels
+    weights = balanced_weights(data.train["labels"], task) if cfg.class_weights == "balanced" else None
     with quiet_transformers():
         from transformers import set_seed
 
@@ -1928,8 +2479,8 @@ def run(cfg: Config) -> dict:
         tokenizer = check_model(cfg)
         check_output_dir(cfg, runtime)
         set_seed(cfg.seed)  # before the model: the new head and the LoRA matrices start from it
-        model, model_info = build_model(cfg, tokenizer, data.label_names, runtime)
-        plan = choose_batches(cfg, model, runtime)
+        model, model_info = build_model(cfg, tokenizer, task, runtime)
+        plan = choose_batches(cfg, model, runtime, task)
         graphs = choose_step_path(cfg, runtime, plan)
         if cfg.compile:
             compile_layers(model)
@@ -1939,29 +2490,29 @@ def run(cfg: Config) -> dict:
                          if data.validation else None)
         checkpoints = prepare_output_dir(cfg, runtime)
         trainer = make_trainer(model, tokenizer, train_ds, validation_ds or test_ds, cfg, runtime, plan, checkpoints,
-                               class_weights=weights, graphs=graphs)
+                               task, class_weights=weights, graphs=graphs)
         with attention_kernels(runtime):
-            before = evaluate(trainer, test_ds, data.label_names, "Before training")
+            before = evaluate(trainer, test_ds, task, "Before training")
             metrics = {"before": before}
             if validation_ds:  # where the per-epoch line starts
-                metrics["validation_before"] = evaluate(trainer, validation_ds, data.label_names,
-                                                        "Validation before training")
+                metrics["validation_before"] = evaluate(trainer, validation_ds, task, "Validation before training")
             with explain_out_of_memory("training", f"lower --micro-batch-size (this run: {plan.micro_batch}) or "
                                        "--max-length, or turn on --gradient-checkpointing; the checkpoints of finished "
                                        f"epochs stay in {checkpoints}: continue with --resume"):
-                history, run_info = train(trainer, cfg.resume, runtime.device, len(data.train))
-            after = evaluate(trainer, test_ds, data.label_names, "After training")  # the best epoch's model, if kept
-        metrics.update(after=after, history=history, label_names=data.label_names, model=model_info,
+                history, run_info = train(trainer, cfg.resume, runtime.device, len(data.train), task)
+            after = evaluate(trainer, test_ds, task, "After training")  # the best epoch's model, if kept
+        metrics.update(after=after, history=history, label_names=task.label_names, task=asdict(task),
+                       model=model_info,
                        training=run_info, batches=plan._asdict(), precision=runtime.precision,
                        processes=runtime.num_processes, device=device_name(runtime), config=asdict(cfg),
                        versions=versions())
         if not runtime.is_main:  # the main process saves and draws for all
             return metrics
         # Before the charts, so a plotting failure cannot lose it
-        save(model, tokenizer, metrics, serving_settings(cfg, data.label_names, plan, runtime), cfg.model_dir)
+        save(model, tokenizer, metrics, serving_settings(cfg, task, plan, runtime), cfg.model_dir)
         shutil.rmtree(checkpoints)  # the saved model supersedes them
     try:
-        plot(metrics, cfg.images_dir)
+        plot(metrics, task, cfg.images_dir)
     except OSError as e:
         raise UserError(f"the model is saved in {cfg.model_dir}, but the charts could not be drawn in "
                         f"--images-dir {cfg.images_dir}: {e}") from e
@@ -1992,7 +2543,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.file:
                 predict_file(args.file, args.output, args.text_column, args.model_dir, args.batch_size)
             else:
-                print(json.dumps(predict(args.texts, args.model_dir, args.batch_size), indent=2))
+                print(json.dumps(predict(texts_given(args.texts, args.model_dir), args.model_dir, args.batch_size),
+                                 indent=2))
         elif argv[:1] == ["export"]:
             args = parse_export_args(argv[1:])
             export_merged(args.model_dir, args.merged)

@@ -44,6 +44,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import peft_qlora  # noqa: E402
 
+IMDB = peft_qlora.Task("classification", ["neg", "pos"])  # what every benchmark here trains: IMDb's two classes
+
 MODES = ("qlora", "naive", "lora", "full", "qlora-compile", "lora-compile")
 
 
@@ -139,16 +141,15 @@ def build(mode, folder, cfg, runtime):
     from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    labels = ["neg", "pos"]
     mode = mode.removesuffix("-compile")  # compile_layers compiles the same model
     if mode == "qlora":
         tokenizer = peft_qlora.check_model(cfg)
-        model, _ = peft_qlora.build_model(cfg, tokenizer, labels, runtime)
+        model, _ = peft_qlora.build_model(cfg, tokenizer, IMDB, runtime)
         return model, tokenizer
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if mode == "naive":  # the same 4-bit model (a quantized head would crash), prepared with peft's defaults
         model = AutoModelForSequenceClassification.from_pretrained(
-            folder, **peft_qlora.quantized_load_kwargs(labels, runtime))
+            folder, **peft_qlora.quantized_load_kwargs(IMDB, runtime))
         lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16, lora_dropout=0.1,
                           target_modules=["query", "value"])
         return get_peft_model(prepare_model_for_kbit_training(model), lora), tokenizer
@@ -271,7 +272,7 @@ def shell_predict_seconds(model, tokenizer, cfg, runtime, workdir):
     model_dir = os.path.join(workdir, "model")
     plan = peft_qlora.BatchPlan(cfg.batch_size, 1, peft_qlora.DEFAULT_EVAL_BATCH, False)
     peft_qlora.save(model, tokenizer, {"config": dataclasses.asdict(cfg)},
-                    peft_qlora.serving_settings(cfg, ["neg", "pos"], plan, runtime), model_dir)
+                    peft_qlora.serving_settings(cfg, IMDB, plan, runtime), model_dir)
     start = time.perf_counter()
     subprocess.run([sys.executable, os.path.join(os.path.dirname(HERE), "peft_qlora.py"), "predict", "--model-dir",
                     model_dir, "A wonderful film.", "Two hours I will never get back."], check=True,
@@ -295,7 +296,7 @@ def one_epoch(mode, model, tokenizer, texts, cfg, runtime, workdir, config):
         data = peft_qlora.tokenize(data, tokenizer, cfg.max_length, cfg.truncation)
         plan = peft_qlora.BatchPlan(cfg.batch_size, 1, peft_qlora.DEFAULT_EVAL_BATCH, False)  # the batch asked for
         trainer = peft_qlora.make_trainer(model, tokenizer, data, data.select(range(8)), cfg, runtime, plan, workdir,
-                                          evaluate_each_epoch=False, save_checkpoints=False,  # time training alone
+                                          IMDB, evaluate_each_epoch=False, save_checkpoints=False,  # time training alone
                                           graphs=peft_qlora.choose_step_path(cfg, runtime, plan))
     padding = padding_share(trainer)
     reset_memory()
@@ -305,7 +306,7 @@ def one_epoch(mode, model, tokenizer, texts, cfg, runtime, workdir, config):
         sync()
         seconds = time.perf_counter() - start
     # Tokens each review really has at this length (padding not counted), the same for every recipe
-    lengths = list(map(len, peft_qlora.encode(tokenizer, texts, cfg.max_length, "head")))
+    lengths = list(map(len, peft_qlora.encode(tokenizer, texts, cfg.max_length, "head")["input_ids"]))
     flops = sum(flops_per_review(config, n, full=mode == "full") for n in lengths)
     graphs = getattr(trainer, "step_graphs", None)
     return {"epoch_s": seconds, "epoch_reviews_per_s": len(texts) / seconds,
@@ -363,7 +364,7 @@ def compare_graphs(folder, cfg, runtime, texts, dropout):
                                    tokenizer, cfg.max_length, cfg.truncation)
         plan = peft_qlora.BatchPlan(cfg.batch_size, 1, peft_qlora.DEFAULT_EVAL_BATCH, False)
         trainer = peft_qlora.make_trainer(model, tokenizer, data, data.select(range(8)), cfg, runtime, plan,
-                                          tempfile.mkdtemp(prefix="bench-check-"), evaluate_each_epoch=False,
+                                          tempfile.mkdtemp(prefix="bench-check-"), IMDB, evaluate_each_epoch=False,
                                           save_checkpoints=False, graphs=graphs)
         with peft_qlora.attention_kernels(runtime):
             result = trainer.train()
@@ -466,7 +467,7 @@ def main():
             served = texts[:args.predict_reviews]
             row["evaluation_reviews_per_s"] = evaluation_rate(trainer, tokenizer, served, mode_cfg, runtime)
             row["shell_predict_s"] = shell_predict_seconds(model, tokenizer, mode_cfg, runtime, workdir)
-            classifier = peft_qlora.Classifier(peft_qlora.serving_model(model, runtime), tokenizer, ["neg", "pos"],
+            classifier = peft_qlora.Classifier(peft_qlora.serving_model(model, runtime), tokenizer, IMDB,
                                                args.max_length, cfg.truncation, runtime, peft_qlora.DEFAULT_EVAL_BATCH)
             row["predict_reviews_per_s"], _ = predict_rate(classifier, served, peft_qlora.DEFAULT_EVAL_BATCH)
         rows[mode] = row

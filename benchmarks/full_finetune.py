@@ -1,6 +1,6 @@
 """Full fine-tuning of the same checkpoint on the same data, to set beside peft_qlora.py's QLoRA results.
 
-Takes peft_qlora.py's flags (data, subsets, --max-length, --truncation, epochs, batch size, precision, seed)
+Takes peft_qlora.py's flags (data, the task and its columns, subsets, --max-length, --truncation, epochs, batch size, precision, seed)
 and trains every weight of the unquantized model (fp32 weights, bf16/fp16 mixed precision on a GPU) instead
 of LoRA adapters on a 4-bit base, through the same data pipeline, batch planning, Trainer settings and
 evaluation; several GPUs through torchrun as peft_qlora.py. Full fine-tuning needs a far lower learning rate
@@ -33,22 +33,24 @@ def main():
     set_seed(cfg.seed)
     data = peft_qlora.load_data(cfg)
     tokenizer = peft_qlora.check_model(cfg)
+    task = data.task
     model = AutoModelForSequenceClassification.from_pretrained(
-        cfg.model, num_labels=len(data.label_names), id2label=dict(enumerate(data.label_names)),
-        label2id={n: i for i, n in enumerate(data.label_names)}, dtype=torch.float32, device_map={"": runtime.device})
+        cfg.model, **peft_qlora.head_config(task), dtype=torch.float32, device_map={"": runtime.device})
+    if task.kind == "regression":  # as peft_qlora.build_model: the head starts at the targets' mean
+        peft_qlora.start_at_mean(model, task)
     model.config.pad_token_id = tokenizer.pad_token_id
     params = sum(p.numel() for p in model.parameters())
-    plan = peft_qlora.choose_batches(cfg, model, runtime)
+    plan = peft_qlora.choose_batches(cfg, model, runtime, task)
     train_ds = peft_qlora.tokenize(data.train, tokenizer, cfg.max_length, cfg.truncation)
     eval_ds = peft_qlora.tokenize(data.test, tokenizer, cfg.max_length, cfg.truncation, sort_by_length=True)
     trainer = peft_qlora.make_trainer(model, tokenizer, train_ds, eval_ds, cfg, runtime, plan,
-                                      cfg.checkpoints_dir,
+                                      cfg.checkpoints_dir, task,
                                       save_checkpoints=False)  # a comparison run: nothing to resume
-    before = peft_qlora.evaluate(trainer, eval_ds, data.label_names, "Before training")
-    history, run = peft_qlora.train(trainer, resume=False, device=runtime.device, texts=len(data.train))
-    after = peft_qlora.evaluate(trainer, eval_ds, data.label_names, "After training")
+    before = peft_qlora.evaluate(trainer, eval_ds, task, "Before training")
+    history, run = peft_qlora.train(trainer, resume=False, device=runtime.device, texts=len(data.train), task=task)
+    after = peft_qlora.evaluate(trainer, eval_ds, task, "After training")
     metrics = {"method": "full fine-tuning", "before": before, "after": after, "history": history,
-               "label_names": data.label_names, "model": {"trainable_params": params, "total_params": params,
+               "label_names": task.label_names, "task": peft_qlora.asdict(task), "model": {"trainable_params": params, "total_params": params,
                                                      "memory_fp32_bytes": 4 * params},
                "training": run, "batches": plan._asdict(), "precision": runtime.precision,
                "processes": runtime.num_processes, "device": peft_qlora.device_name(runtime),

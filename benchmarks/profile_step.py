@@ -49,7 +49,7 @@ def main():
                                  "--output-dir", tempfile.mkdtemp()])
     runtime = peft_qlora.decide_runtime("bf16")
     tokenizer = peft_qlora.check_model(cfg)
-    model, _ = peft_qlora.build_model(cfg, tokenizer, ["neg", "pos"], runtime)
+    model, _ = peft_qlora.build_model(cfg, tokenizer, bench.IMDB, runtime)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
 
@@ -74,7 +74,7 @@ def main():
     data = Dataset.from_dict({"input_ids": [list(range(1000, 1512))] * 1600, "labels": [0, 1] * 800})
     plan = peft_qlora.BatchPlan(cfg.batch_size, 1, peft_qlora.DEFAULT_EVAL_BATCH, False)  # batch 32, as above
     trainer = peft_qlora.make_trainer(model, tokenizer, data, data.select(range(8)), cfg, runtime, plan,
-                                      tempfile.mkdtemp(), evaluate_each_epoch=False, save_checkpoints=False)
+                                      tempfile.mkdtemp(), bench.IMDB, evaluate_each_epoch=False, save_checkpoints=False)
     torch.cuda.synchronize()
     start = time.perf_counter()
     trainer.train()

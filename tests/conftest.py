@@ -149,3 +149,10 @@ def train_through_cli(model, data_files, out):
 def trained(tiny_bert, data_files, tmp_path_factory):
     """The tiny BERT trained once, shared by the tests that read or serve what the run saved."""
     return train_through_cli(tiny_bert, data_files, tmp_path_factory.mktemp("run"))
+
+
+def classes(*names):
+    """The classification Task of these class names (default IMDb's), as load_data decides it for single texts."""
+    import peft_qlora
+
+    return peft_qlora.Task("classification", list(names or ("neg", "pos")))

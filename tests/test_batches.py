@@ -7,7 +7,7 @@ import json
 import pytest
 
 import peft_qlora
-from conftest import cpu_runtime, run_main, train_args
+from conftest import classes, cpu_runtime, run_main, train_args
 
 
 def gib(n):
@@ -101,10 +101,10 @@ def test_choose_batches_on_the_cpu_logs_the_plan(tiny_bert, caplog):
 
     caplog.set_level(logging.INFO, logger="peft_qlora")
     cfg = peft_qlora.parse_args(["--model", tiny_bert, "--batch-size", "8", "--micro-batch-size", "4"])
-    assert peft_qlora.choose_batches(cfg, None, cpu_runtime()) == (4, 2, 256, False)
+    assert peft_qlora.choose_batches(cfg, None, cpu_runtime(), classes()) == (4, 2, 256, False)
     assert "Batches: 8 texts per optimizer step as 2 micro-batches of 4; evaluation in batches of 256" in caplog.text
     cfg = peft_qlora.parse_args(["--model", tiny_bert, "--batch-size", "8", "--batching", "tokens"])
-    peft_qlora.choose_batches(cfg, None, cpu_runtime())
+    peft_qlora.choose_batches(cfg, None, cpu_runtime(), classes())
     assert ("Batches: 8 texts x 512 tokens per optimizer step as 1 micro-batch of 8 x 512 tokens (more texts where "
             "they are shorter); evaluation in batches of 256") in caplog.text
 

@@ -40,9 +40,9 @@ def test_integer_labels_get_imdb_names_or_the_given_ones(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text("text,label\n" + "".join(f"t{i},{i % 3}\n" for i in range(9)))
     args = ["--train-file", str(path), "--eval-file", str(path), "--train-size", "all", "--eval-size", "all"]
-    assert peft_qlora.load_data(config(*args)).label_names == ["0", "1", "2"]
-    assert peft_qlora.load_data(config(*args, "--label-names", "x", "y", "z")).label_names == ["x", "y", "z"]
-    assert peft_qlora.load_data(config(*args, "--train-size", "2", "--eval-size", "2")).label_names == ["0", "1", "2"]
+    assert peft_qlora.load_data(config(*args)).task.label_names == ["0", "1", "2"]
+    assert peft_qlora.load_data(config(*args, "--label-names", "x", "y", "z")).task.label_names == ["x", "y", "z"]
+    assert peft_qlora.load_data(config(*args, "--train-size", "2", "--eval-size", "2")).task.label_names == ["0", "1", "2"]
 
     binary = tmp_path / "b.parquet"
     import pyarrow as pa
@@ -50,7 +50,7 @@ def test_integer_labels_get_imdb_names_or_the_given_ones(tmp_path):
 
     pq.write_table(pa.table({"text": ["a", "b", "c", "d"], "label": [0, 1, 1, 0]}), binary)
     names = peft_qlora.load_data(config("--train-file", str(binary), "--eval-file", str(binary),
-                                        "--train-size", "all", "--eval-size", "all")).label_names
+                                        "--train-size", "all", "--eval-size", "all")).task.label_names
     assert names == ["neg", "pos"]
 
 
@@ -141,9 +141,10 @@ def test_pad_batch_gives_what_the_tokenizer_pads(tiny_bert):
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
     encoded = peft_qlora.encode(tokenizer, ["a good film", "a bad one " * 30, ""], 80, "head+tail")
     for multiple in (None, 64):
-        ids, mask = peft_qlora.pad_batch(encoded, tokenizer.pad_token_id,
-                                         peft_qlora.Runtime(torch.device("cpu"), "fp32", pad_multiple=multiple))
-        expected = tokenizer.pad({"input_ids": encoded}, return_tensors="pt", pad_to_multiple_of=multiple)
+        padded = peft_qlora.pad_batch(encoded, tokenizer.pad_token_id,
+                                      peft_qlora.Runtime(torch.device("cpu"), "fp32", pad_multiple=multiple))
+        ids, mask = padded["input_ids"], padded["attention_mask"]
+        expected = tokenizer.pad(encoded, return_tensors="pt", pad_to_multiple_of=multiple)
         assert ids.tolist() == expected["input_ids"].tolist() and mask.tolist() == expected["attention_mask"].tolist()
         assert ids.dtype == mask.dtype == torch.long and ids.shape[1] == (128 if multiple else 80)
 
@@ -163,9 +164,9 @@ def test_truncation_keeps_the_head_the_tail_or_both(truncation, kept, tmp_path):
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
     tokenizer = BertTokenizer(vocab=str(vocab))
     budget = len(kept.split()) + 2
-    [ids] = peft_qlora.encode(tokenizer, [" ".join(words)], max_length=budget, truncation=truncation)
+    [ids] = peft_qlora.encode(tokenizer, [" ".join(words)], max_length=budget, truncation=truncation)["input_ids"]
     assert tokenizer.decode(ids) == f"[CLS] {kept} [SEP]"
-    [short] = peft_qlora.encode(tokenizer, ["three four"], max_length=budget, truncation=truncation)
+    [short] = peft_qlora.encode(tokenizer, ["three four"], max_length=budget, truncation=truncation)["input_ids"]
     assert tokenizer.decode(short) == "[CLS] three four [SEP]"
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 import peft_qlora
-from conftest import cpu_runtime, imdb_sample, run_cli, train_args, train_through_cli
+from conftest import classes, cpu_runtime, imdb_sample, run_cli, train_args, train_through_cli
 
 # Of very different lengths, so that batched together the short ones are padded
 TEXTS = ["Superb.", "Dull, slow and far too long; I left before the end and do not regret it at all.", "Fine",
@@ -55,7 +55,7 @@ def test_frozen_weights_stay_in_the_compute_dtype_and_what_trains_in_fp32(tiny_l
 
     cfg = peft_qlora.parse_args(["--model", tiny_llama, "--max-length", "64"])
     tokenizer = peft_qlora.check_model(cfg)
-    model, info = peft_qlora.build_model(cfg, tokenizer, ["neg", "pos"], cpu_runtime("bf16"))
+    model, info = peft_qlora.build_model(cfg, tokenizer, classes(), cpu_runtime("bf16"))
     base = model.base_model.model
     assert base.model.embed_tokens.weight.dtype == torch.bfloat16
     assert base.model.norm.weight.dtype == torch.bfloat16
@@ -82,7 +82,7 @@ def test_all_linear_puts_lora_on_every_4bit_layer_and_none_on_the_head(arch, tin
     cfg = peft_qlora.parse_args(["--model", tiny_llama if arch == "llama" else tiny_bert, "--max-length", "64",
                                  "--lora-targets", "all-linear"])
     tokenizer = peft_qlora.check_model(cfg)
-    model, info = peft_qlora.build_model(cfg, tokenizer, ["neg", "pos"], cpu_runtime())
+    model, info = peft_qlora.build_model(cfg, tokenizer, classes(), cpu_runtime())
     with_lora = {n for n, m in model.named_modules() if isinstance(m, LoraLayer)}
     four_bit = {n.removesuffix(".base_layer") for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     assert with_lora == four_bit and len(four_bit) == info["quantized_layers"]
@@ -111,9 +111,9 @@ def test_truncation_of_decoder_tokenizers(bos, truncation, body, kept):
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, bos_token="<s>", eos_token="</s>",
                                         unk_token="<unk>")
     prefix = "<s> " if bos else ""
-    [ids] = peft_qlora.encode(tokenizer, [" ".join(words)], max_length=body + bos, truncation=truncation)
+    [ids] = peft_qlora.encode(tokenizer, [" ".join(words)], max_length=body + bos, truncation=truncation)["input_ids"]
     assert tokenizer.decode(ids) == prefix + kept
-    [short] = peft_qlora.encode(tokenizer, ["three four"], max_length=body + bos, truncation=truncation)
+    [short] = peft_qlora.encode(tokenizer, ["three four"], max_length=body + bos, truncation=truncation)["input_ids"]
     assert tokenizer.decode(short) == prefix + "three four"
 
 

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from conftest import cpu_runtime, imdb_sample, run_cli, train_args
+from conftest import classes, cpu_runtime, imdb_sample, run_cli, train_args
 
 REVIEWS = ["An absolute delight from start to finish.", "Dull, slow and far too long.", ""]
 
@@ -51,7 +51,7 @@ def load_4bit(model_dir):
     import peft_qlora
 
     model = AutoPeftModelForSequenceClassification.from_pretrained(
-        model_dir, **peft_qlora.quantized_load_kwargs(["neg", "pos"], cpu_runtime()))
+        model_dir, **peft_qlora.quantized_load_kwargs(classes(), cpu_runtime()))
     peft_qlora.prepare_4bit_layers(model)
     return model
 
@@ -75,9 +75,9 @@ def test_serving_dequantizes_once_and_changes_no_probability(trained):
     texts = REVIEWS + imdb_sample("test", 40)[0]
     model = load_4bit(str(trained[0] / "model"))
     tokenizer = peft_qlora.load_tokenizer(str(trained[0] / "model"))  # as saved
-    in_4bit = peft_qlora.Classifier(model.eval(), tokenizer, ["neg", "pos"], 128, "head+tail", cpu_runtime(),
+    in_4bit = peft_qlora.Classifier(model.eval(), tokenizer, classes(), 128, "head+tail", cpu_runtime(),
                                     16).probabilities(texts)
-    classifier = peft_qlora.Classifier(peft_qlora.serving_model(model, cpu_runtime()), tokenizer, ["neg", "pos"], 128,
+    classifier = peft_qlora.Classifier(peft_qlora.serving_model(model, cpu_runtime()), tokenizer, classes(), 128,
                                        "head+tail", cpu_runtime(), 16)
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in classifier.model.modules())
     query = classifier.model.base_model.model.bert.encoder.layer[0].attention.self.query
@@ -100,7 +100,10 @@ def test_a_folder_saved_before_serving_json_serves_with_the_same_settings(traine
     saved = peft_qlora.read_serving_settings(str(trained[0] / "model"))
     assert peft_qlora.read_serving_settings(str(old)) == saved
     assert saved == {"label_names": ["neg", "pos"], "max_length": 64, "truncation": "head+tail",
-                     "batch_size": 256, "precision": "fp32"}
+                     "batch_size": 256, "precision": "fp32",
+                     "task": {"kind": "classification", "text_columns": ["text"], "threshold": 0.5,
+                              "target_scale": 1.0, "target_mean": 0.0}}
+    assert peft_qlora.serving_task(saved) == classes()
 
 
 def test_a_model_too_large_to_copy_is_served_in_4bit(trained, monkeypatch):
@@ -117,7 +120,7 @@ def test_a_model_too_large_to_copy_is_served_in_4bit(trained, monkeypatch):
     served = peft_qlora.serving_model(model, cpu_runtime())
     assert sum(isinstance(m, bnb.nn.Linear4bit) for m in served.modules()) == 12
     tokenizer = peft_qlora.load_tokenizer(str(trained[0] / "model"))  # as saved
-    classifier = peft_qlora.Classifier(served, tokenizer, ["neg", "pos"], 128, "head+tail", cpu_runtime(), 16)
+    classifier = peft_qlora.Classifier(served, tokenizer, classes(), 128, "head+tail", cpu_runtime(), 16)
     assert len(classifier.probabilities(REVIEWS, 16)) == len(REVIEWS)
 
 

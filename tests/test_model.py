@@ -2,7 +2,7 @@
 import pytest
 
 import peft_qlora
-from conftest import cpu_runtime, save_tiny_model
+from conftest import classes, cpu_runtime, save_tiny_model
 
 SMALL = dict(vocab_size=1000, hidden_size=64, num_attention_heads=2, max_position_embeddings=130)
 
@@ -33,7 +33,7 @@ def test_build_model_quantizes_the_body_and_trains_adapters_and_head(arch, tiny_
 
     cfg = peft_qlora.parse_args(["--model", tiny_models[arch], "--max-length", "64"])
     tokenizer = peft_qlora.check_model(cfg)
-    model, info = peft_qlora.build_model(cfg, tokenizer, ["neg", "pos"], cpu_runtime())
+    model, info = peft_qlora.build_model(cfg, tokenizer, classes(), cpu_runtime())
     targets, heads = EXPECTED[arch]
     assert info["lora_targets"] == targets and info["trained_heads"] == heads
 
@@ -71,7 +71,7 @@ def test_build_model_quantizes_the_body_and_trains_adapters_and_head(arch, tiny_
 def test_the_trainable_count_is_lora_plus_head_and_pooler(tiny_bert):
     cfg = peft_qlora.parse_args(["--model", tiny_bert, "--max-length", "64"])
     tokenizer = peft_qlora.check_model(cfg)
-    _, info = peft_qlora.build_model(cfg, tokenizer, ["a", "b", "c"], cpu_runtime())
+    _, info = peft_qlora.build_model(cfg, tokenizer, classes("a", "b", "c"), cpu_runtime())
     hidden, layers, r = 64, 2, 8
     lora = layers * 2 * r * (hidden + hidden)  # query and value, A (r x in) and B (out x r)
     head = hidden * 3 + 3
