@@ -463,8 +463,8 @@ class Task:
     label_names: list[str]  # the classes in id order; multi-label: the labels; regression: ["score"]
     text_columns: list[str] = field(default_factory=lambda: ["text"])  # one text per row, or a pair
     threshold: float = 0.5  # multi-label: a label is predicted above this probability
-    # Regression trains on the target divided by its standard deviation, with the head's bias (where it has one)
-    # starting at the mean: the head starts where the targets are, and AdamW's steps, about the learning rate in
+    # Regression's output is the target divided by its standard deviation (task_loss), the head's bias (where it has
+    # one) starting at the mean: the head starts where the targets are, and AdamW's steps, about the learning rate in
     # size, reach them in a few steps whatever the target's units. Outputs are multiplied back by target_scale.
     target_scale: float = 1.0
     target_mean: float = 0.0  # in the target's own units
@@ -521,7 +521,8 @@ class Splits(NamedTuple):
 
 def load_data(cfg: Config) -> Splits:
     """The training and test texts, the task decided from their labels, subsets drawn, labels made what the loss
-    compares (class ids, 0/1 per label, scaled targets), and the validation texts held out."""
+    compares (class ids, 0/1 per label, targets as numbers in their own units), and the validation texts held
+    out."""
     from datasets import Dataset
 
     if cfg.train_file:
@@ -562,12 +563,9 @@ def load_data(cfg: Config) -> Splits:
     train, validation = (hold_out(out[0], cfg.validation_size, cfg.seed, stratify=kind == "classification")
                          if cfg.validation_size else (out[0], None))
     task = Task(kind, label_names, list(cfg.text_column), cfg.threshold)
-    if kind == "regression":  # scaled by the training texts' spread (Task.target_scale)
+    if kind == "regression":  # the training targets' spread, which the loss measures in (Task.target_scale)
         task = regression_task(task, train["labels"])
-        train, validation, test = (ds.remove_columns("labels").add_column(
-            "labels", [y / task.target_scale for y in ds["labels"]]) if ds else None for ds in (train, validation, out[1]))
-    else:
-        test = out[1]
+    test = out[1]
     log.info("Data: %d training, %s%d test texts%s", len(train),
              f"{len(validation)} validation and " if validation else "", len(test),
              f", labels {label_names}" if kind != "regression" else "")
@@ -597,10 +595,17 @@ def hold_out(train, size: int | float, seed: int, stratify: bool = True):
 def open_data_file(path: str, streaming: bool = False):
     """A local data file as a datasets Dataset, or read lazily as an IterableDataset: through Dataset.from_csv and
     its kin, which, unlike load_dataset, send no usage count to the hub for a local file."""
+    import datasets
     from datasets import Dataset, IterableDataset
 
     kind = IterableDataset if streaming else Dataset
-    return {"csv": kind.from_csv, "json": kind.from_json, "parquet": kind.from_parquet}[file_builder(path)](path)
+    bars = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()  # its "Generating train split" bar, for a file read in a second or two
+    try:
+        return {"csv": kind.from_csv, "json": kind.from_json, "parquet": kind.from_parquet}[file_builder(path)](path)
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
 
 
 def read_file(path: str, flag: str):
@@ -633,7 +638,7 @@ def read_hub_dataset(name: str) -> dict:
 def check_texts(texts: list, split: str, column: str = "text") -> list[str]:
     bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
     if bad:
-        raise UserError(f"the {split} data's column {column!r} has {len(bad)} values that are not texts (first at "
+        raise UserError(f"the {split} data's column {column!r} has {len(bad)} values that are not strings (first at "
                         f"row {bad[0]}: {texts[bad[0]]!r}); check --text-column")
     return texts
 
@@ -711,12 +716,12 @@ def label_names_for(train_labels: list, eval_labels: list, class_names: list[str
         if len(names) != count:
             raise UserError(f"the data has labels 0..{count - 1} ({count} classes) but --label-names gives "
                             f"{len(names)} names: give one name per class, in order")
+    if len(set(train_labels)) < 2:
+        raise UserError(f"the training data has a single class ({train_labels[0]!r}); classification needs two or more")
     unseen = sorted(set(eval_labels) - set(train_labels), key=str)
     if unseen:
         raise UserError(f"the evaluation data has labels the training data lacks: {', '.join(map(str, unseen))}; "
                         "a model cannot learn a class it never sees")
-    if len(set(train_labels)) < 2:
-        raise UserError(f"the training data has a single class ({train_labels[0]!r}); classification needs two or more")
     return list(names)
 
 
@@ -1429,7 +1434,7 @@ def compute_metrics(eval_pred, task: Task) -> dict:
     from scipy.stats import pearsonr, spearmanr  # scipy comes with scikit-learn
     from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 
-    predicted, true = outputs.reshape(-1) * task.target_scale, labels.reshape(-1) * task.target_scale
+    predicted, true = outputs.reshape(-1) * task.target_scale, labels.reshape(-1)
     constant = np.ptp(predicted) == 0 or np.ptp(true) == 0  # correlation is undefined: NaN, without scipy's warning
     return {"rmse": float(np.sqrt(mean_squared_error(true, predicted))), "mae": mean_absolute_error(true, predicted),
             "pearson": float("nan") if constant else float(pearsonr(predicted, true)[0]),
@@ -1506,7 +1511,7 @@ def make_trainer(model, tokenizer, train_ds, eval_ds, cfg: Config, runtime: Runt
                             data_collator=functools.partial(collate, pad=collator),
                             processing_class=tokenizer, compute_metrics=functools.partial(compute_metrics, task=task),
                             callbacks=callbacks,
-                            compute_loss_func=weighted_loss(class_weights, model, task) if class_weights else None)
+                            compute_loss_func=task_loss(task, model, class_weights))
     trainer.remove_callback(ProgressCallback)  # for one that prints less
     trainer.add_callback(epoch_progress(task))
     return trainer
@@ -1555,12 +1560,16 @@ def balanced_weights(labels: list, task: Task) -> list[float]:
     return weights.tolist()
 
 
-def weighted_loss(weights: list[float], model, task: Task):
-    """The Trainer's loss hook (compute_loss_func): while the model trains, cross-entropy with each class weighted
-    (multi-label: binary cross-entropy with each label's positives weighted), summed and divided by the labels of
-    the whole optimizer step, as the Trainer expects of the hook under gradient accumulation (balanced class weights
-    average 1 over the training texts, so this is their weighted mean); while it is evaluated, the plain mean, so
-    that evaluation losses compare across runs."""
+def task_loss(task: Task, model, weights: list[float] | None = None):
+    """The Trainer's loss hook (compute_loss_func), or None where the model's own loss is the task's. Regression:
+    the mean squared error in units of the target's spread (Task.target_scale), so that the labels stay in their own
+    units in the data, the metrics and the charts. Class weights: while the model trains, cross-entropy with each
+    class weighted (multi-label: binary cross-entropy with each label's positives weighted); while it is evaluated,
+    the plain mean, so that evaluation losses compare across runs. While training, each loss is summed and divided
+    by the labels of the whole optimizer step, as the Trainer expects of the hook under gradient accumulation
+    (balanced class weights average 1 over the training texts, so this is their weighted mean)."""
+    if task.kind != "regression" and weights is None:
+        return None
     on_device = {}  # the weights copied to the GPU once: a step captured as a CUDA graph cannot copy from the host
 
     def loss(outputs, labels, num_items_in_batch=None):
@@ -1568,19 +1577,19 @@ def weighted_loss(weights: list[float], model, task: Task):
         from torch.nn import functional
 
         logits = outputs.logits.float()
-        if task.kind == "multi-label":
-            labels = labels.to(logits.dtype)
-        if not model.training:
-            return (functional.binary_cross_entropy_with_logits(logits, labels) if task.kind == "multi-label"
-                    else functional.cross_entropy(logits, labels))
-        if logits.device not in on_device:
-            on_device[logits.device] = torch.tensor(weights, device=logits.device)
-        if task.kind == "multi-label":
-            summed = functional.binary_cross_entropy_with_logits(logits, labels, reduction="sum",
-                                                                 pos_weight=on_device[logits.device])
+        weight = None
+        if weights is not None and model.training:
+            if logits.device not in on_device:
+                on_device[logits.device] = torch.tensor(weights, device=logits.device)
+            weight = on_device[logits.device]
+        if task.kind == "regression":
+            summed = functional.mse_loss(logits[:, 0], labels.to(logits.dtype) / task.target_scale, reduction="sum")
+        elif task.kind == "multi-label":
+            summed = functional.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="sum",
+                                                                 pos_weight=weight)
         else:
-            summed = functional.cross_entropy(logits, labels, reduction="sum", weight=on_device[logits.device])
-        return summed / (labels.numel() if num_items_in_batch is None else num_items_in_batch)
+            summed = functional.cross_entropy(logits, labels, reduction="sum", weight=weight)
+        return summed / (labels.numel() if num_items_in_batch is None or not model.training else num_items_in_batch)
 
     return loss
 
@@ -1616,7 +1625,7 @@ def evaluate(trainer, dataset, task: Task, phase: str) -> dict:
     metrics = {**{name: raw[f"eval_{name}"] for name in task.metric_names}, "loss": raw["eval_loss"],
                "runtime_s": raw["eval_runtime"], "samples_per_s": raw["eval_samples_per_second"]}
     if task.kind == "regression":
-        metrics["by_true_value"] = by_true_value(output.label_ids.reshape(-1) * task.target_scale,
+        metrics["by_true_value"] = by_true_value(output.label_ids.reshape(-1),
                                                  output.predictions.reshape(-1) * task.target_scale)
     else:
         metrics.update(where_it_errs(output.label_ids, output.predictions, task))
@@ -2223,26 +2232,30 @@ def prepared_ahead(prepare, batches: list, ahead: int = 2):
             yield pending.popleft().result()
 
 
-def inputs_to_classify(texts, pairs: bool = False) -> tuple[list, bool]:
-    """(the items, whether one was given): the texts of one string or of a list (any iterable) of strings; for a
-    model of pairs, one pair (a tuple of two strings) or a list of pairs. A TypeError or ValueError that says what
-    predict() takes otherwise."""
-    takes = "a pair of texts (text, text_pair) or a list of pairs" if pairs else "a text or a list of texts"
-    single = isinstance(texts, str) or (pairs and isinstance(texts, tuple) and len(texts) == 2
-                                        and all(isinstance(t, str) for t in texts))
+def inputs_to_classify(texts, pairs: bool | None = False) -> tuple[list, bool]:
+    """(the items, whether one was given): one text or a list (any iterable) of texts; for a model of pairs, one
+    pair (a tuple of two texts) or a list of pairs; with pairs=None either, as predict() checks before it reads
+    which its model takes. A TypeError or ValueError that says what predict() takes otherwise."""
+    def is_pair(item) -> bool:
+        return isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(t, str) for t in item)
+
+    single = isinstance(texts, str) or (pairs is not False and isinstance(texts, tuple) and is_pair(texts))
     try:
         items = [texts] if single else list(texts)
     except TypeError:
+        takes = "a pair of texts or a list of pairs" if pairs else "a text or a list of texts"
         raise TypeError(f"predict() takes {takes}, not {type(texts).__name__} {texts!r}") from None
     if not items:
         raise UserError("predict() needs at least one text")
     for item in items:
-        if pairs and not (isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(t, str) for t in item)):
-            raise TypeError(f"this model classifies pairs of texts: predict() takes {takes}; got "
-                            f"{type(item).__name__} {item!r}")
-        if not pairs and not isinstance(item, str):
-            kind = "a pair: this model classifies single texts" if isinstance(item, (tuple, list)) else "not a text"
-            raise TypeError(f"predict() takes {takes} (str); got {type(item).__name__} {item!r} in the list, {kind}")
+        if (isinstance(item, str) and not pairs) or (is_pair(item) and pairs is not False):
+            continue
+        if pairs:
+            raise TypeError("this model classifies pairs of texts: predict() takes a pair (text, text_pair) or a list "
+                            f"of pairs; got {type(item).__name__} {item!r}")
+        if is_pair(item):
+            raise TypeError(f"predict() takes texts (str); got the pair {item!r}: this model classifies single texts")
+        raise TypeError(f"predict() takes texts (str); got {type(item).__name__} {item!r} in the list")
     return [tuple(item) for item in items] if pairs else items, single
 
 
@@ -2259,7 +2272,8 @@ def predict(texts, model_dir: str = DEFAULT_MODEL_DIR, batch_size: int | None = 
     empty text is classified like any other (the model sees only its special tokens) and gets the model's prior
     guess.
     """
-    inputs_to_classify(texts, serving_task(read_serving_settings(model_dir)).pairs)  # before any model loads
+    inputs_to_classify(texts, pairs=None)  # what no model takes, before the folder is read
+    inputs_to_classify(texts, serving_task(read_serving_settings(model_dir)).pairs)  # before the model loads
     return cached_classifier(model_dir)(texts, batch_size)
 
 

@@ -19,10 +19,11 @@ def write_jsonl(path, rows):
 def test_string_labels_become_sorted_class_names(tmp_path):
     rows = [{"review": f"text {i}", "sentiment": s} for i, s in enumerate(["positive", "negative"] * 5)]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    train, _, evaluation, names = peft_qlora.load_data(config(
+    train, _, evaluation, task = peft_qlora.load_data(config(
         "--train-file", path, "--eval-file", path, "--text-column", "review", "--label-column", "sentiment",
         "--train-size", "all", "--eval-size", "4"))
-    assert names == ["negative", "positive"]
+    names = task.label_names
+    assert task == peft_qlora.Task("classification", ["negative", "positive"], ["review"])
     assert train.column_names == ["text", "labels"] and len(train) == 10 and len(evaluation) == 4
     assert sorted(zip(train["text"], train["labels"])) == sorted(
         (r["review"], names.index(r["sentiment"])) for r in rows)
@@ -59,9 +60,9 @@ def test_a_local_dataset_folder_goes_through_the_hub_loader(tmp_path, data_files
 
     shutil.copy(data_files["train"], tmp_path / "train.parquet")
     shutil.copy(data_files["test"], tmp_path / "test.parquet")
-    train, _, evaluation, names = peft_qlora.load_data(config("--dataset", str(tmp_path), "--train-size", "20",
-                                                           "--eval-size", "all"))
-    assert (len(train), len(evaluation), names) == (20, 32, ["neg", "pos"])
+    train, _, evaluation, task = peft_qlora.load_data(config("--dataset", str(tmp_path), "--train-size", "20",
+                                                          "--eval-size", "all"))
+    assert (len(train), len(evaluation), task.label_names) == (20, 32, ["neg", "pos"])
 
 
 def test_subsets_are_balanced_and_reproducible(tmp_path):

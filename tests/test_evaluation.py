@@ -106,14 +106,15 @@ def test_balanced_class_weights_raise_the_minority_class_recall(tiny_bert, tmp_p
 
 
 def test_class_weights_need_training_texts_of_every_class(tiny_bert, tmp_path):
-    (tmp_path / "train.csv").write_text("text,label\n" + "".join(f"text {i},{i % 2}\n" for i in range(40)))
-    (tmp_path / "test.csv").write_text("text,label\na,0\nb,1\nc,2\n")  # a third class, never trained on
+    # Classes 0..2, of which the data has only 0 and 2: class 1 has nothing to weigh by
+    (tmp_path / "train.csv").write_text("text,label\n" + "".join(f"text {i},{2 * (i % 2)}\n" for i in range(40)))
+    (tmp_path / "test.csv").write_text("text,label\na,0\nb,2\n")
     (tmp_path / "out" / "model").mkdir(parents=True)  # an earlier run's model, which must not hide the mistake
     result = run_cli("--model", tiny_bert, "--train-file", tmp_path / "train.csv", "--eval-file",
                      tmp_path / "test.csv", "--train-size", "all", "--eval-size", "all", "--max-length", "64",
                      "--class-weights", "balanced", "--output-dir", tmp_path / "out")
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    assert "--class-weights balanced: the training texts have no 2" in result.stderr
+    assert "--class-weights balanced: the training texts have no 1" in result.stderr
 
 
 @pytest.mark.parametrize("flags, message", [

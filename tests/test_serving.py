@@ -49,7 +49,7 @@ def read_predictions(path):
 
 
 def check_predictions(got, rows, model_dir):
-    assert list(got.columns) == ["review", "label", "id", "predicted_label", "neg_prob", "pos_prob"]
+    assert list(got.columns) == ["review", "label", "rating", "id", "predicted_label", "neg_prob", "pos_prob"]
     assert got["id"].tolist() == list(range(40)) and got["review"].tolist() == rows["review"].tolist()
     expected = peft_qlora.predict(rows["review"].tolist(), model_dir=str(model_dir))
     assert got["predicted_label"].tolist() == [r["label"] for r in expected]
