@@ -10,7 +10,7 @@ import sys
 import pytest
 
 import peft_qlora
-from conftest import DATA, imdb_sample
+from conftest import DATA, ROOT, imdb_sample
 
 MODEL = os.environ.get("PEFT_QLORA_TEST_MODEL", "")
 pytestmark = pytest.mark.skipif(not os.path.isdir(MODEL),
@@ -59,3 +59,37 @@ def test_training_lifts_accuracy_and_the_saved_model_predicts_the_same(tmp_path)
     assert served.returncode == 0, served.stderr[-3000:]
     for got, row in zip(json.loads(served.stdout), predicted):
         assert got["pos"] == pytest.approx(row["pos_prob"], abs=1e-3)
+
+
+@pytest.mark.parametrize("task", ["regression", "multi-label"])
+def test_training_teaches_a_regression_and_a_multi_label_task(task, tmp_path):
+    """The rating of 256 committed reviews as a number, or as labels (benchmarks/imdb_tasks.py: pos or neg, and
+    strong at the scale's ends); 128 tokens, 2 epochs (about 40 s each on a 2-core CPU). Over two seeds Pearson
+    rose by 0.38 and 0.50 and micro F1 by 0.16 and 0.18."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import imdb_tasks
+
+    files = {}
+    for split in ("train", "test"):
+        rows = pq.read_table(os.path.join(DATA, f"imdb_{split}.parquet")).to_pydict()
+        labels = rows["rating"] if task == "regression" else [imdb_tasks.rating_labels(r) for r in rows["rating"]]
+        files[split] = str(tmp_path / f"{split}.parquet")
+        pq.write_table(pa.table({"text": rows["text"], "target": labels}), files[split])
+    args = ["--model", MODEL, "--train-file", files["train"], "--eval-file", files["test"], "--label-column", "target",
+            "--train-size", "256", "--eval-size", "128", "--max-length", "128", "--epochs", "2", "--batch-size", "8",
+            "--output-dir", str(tmp_path / "run"), "--images-dir", str(tmp_path / "images")]
+    assert peft_qlora.main(args + (["--task", "regression"] if task == "regression" else [])) == 0
+    saved = json.loads((tmp_path / "run" / "model" / "metrics.json").read_text())
+    before, after = saved["before"], saved["after"]
+    if task == "regression":
+        assert after["pearson"] - before["pearson"] >= 0.2 and after["rmse"] < before["rmse"], saved["history"]
+    else:
+        assert after["f1_micro"] - before["f1_micro"] >= 0.1, saved["history"]
+    texts = imdb_sample("test", 8)[0]
+    predicted = peft_qlora.predict(texts, model_dir=str(tmp_path / "run" / "model"))
+    key = "score" if task == "regression" else "strong_prob"
+    fresh = peft_qlora.Classifier.load(str(tmp_path / "run" / "model"))(texts)
+    assert [row[key] for row in fresh] == pytest.approx([row[key] for row in predicted], abs=1e-5)
