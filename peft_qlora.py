@@ -1113,7 +1113,8 @@ def output_layer(model, task: Task):
     layers = [m for head in trainable_heads(model).values() for m in head.modules()
               if isinstance(m, torch.nn.Linear) and m.out_features == task.num_labels]
     if not layers:
-        raise RuntimeError(f"no linear layer of {task.num_labels} outputs in the head {', '.join(trainable_heads(model))}")
+        raise RuntimeError(f"no linear layer of {task.num_labels} outputs in the head "
+                           f"{', '.join(trainable_heads(model))}")
     return layers[-1]
 
 

@@ -296,7 +296,8 @@ def one_epoch(mode, model, tokenizer, texts, cfg, runtime, workdir, config):
         data = peft_qlora.tokenize(data, tokenizer, cfg.max_length, cfg.truncation)
         plan = peft_qlora.BatchPlan(cfg.batch_size, 1, peft_qlora.DEFAULT_EVAL_BATCH, False)  # the batch asked for
         trainer = peft_qlora.make_trainer(model, tokenizer, data, data.select(range(8)), cfg, runtime, plan, workdir,
-                                          IMDB, evaluate_each_epoch=False, save_checkpoints=False,  # time training alone
+                                          IMDB, evaluate_each_epoch=False,
+                                          save_checkpoints=False,  # time training alone
                                           graphs=peft_qlora.choose_step_path(cfg, runtime, plan))
     padding = padding_share(trainer)
     reset_memory()

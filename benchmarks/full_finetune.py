@@ -1,9 +1,9 @@
 """Full fine-tuning of the same checkpoint on the same data, to set beside peft_qlora.py's QLoRA results.
 
-Takes peft_qlora.py's flags (data, the task and its columns, subsets, --max-length, --truncation, epochs, batch size, precision, seed)
-and trains every weight of the unquantized model (fp32 weights, bf16/fp16 mixed precision on a GPU) instead
-of LoRA adapters on a 4-bit base, through the same data pipeline, batch planning, Trainer settings and
-evaluation; several GPUs through torchrun as peft_qlora.py. Full fine-tuning needs a far lower learning rate
+Takes peft_qlora.py's flags (data, the task and its columns, subsets, --max-length, --truncation, epochs, batch size,
+precision, seed) and trains every weight of the unquantized model (fp32 weights, bf16/fp16 mixed precision on a
+GPU) instead of LoRA adapters on a 4-bit base, through the same data pipeline, task, batch planning, Trainer
+settings and evaluation; several GPUs through torchrun as peft_qlora.py. Full fine-tuning needs a far lower learning rate
 than LoRA, for example --learning-rate 3e-5.
 
     python benchmarks/full_finetune.py --model ../shared/models/minilm-l6-h384-uncased \\
@@ -50,8 +50,8 @@ def main():
     history, run = peft_qlora.train(trainer, resume=False, device=runtime.device, texts=len(data.train), task=task)
     after = peft_qlora.evaluate(trainer, eval_ds, task, "After training")
     metrics = {"method": "full fine-tuning", "before": before, "after": after, "history": history,
-               "label_names": task.label_names, "task": peft_qlora.asdict(task), "model": {"trainable_params": params, "total_params": params,
-                                                     "memory_fp32_bytes": 4 * params},
+               "label_names": task.label_names, "task": peft_qlora.asdict(task),
+               "model": {"trainable_params": params, "total_params": params, "memory_fp32_bytes": 4 * params},
                "training": run, "batches": plan._asdict(), "precision": runtime.precision,
                "processes": runtime.num_processes, "device": peft_qlora.device_name(runtime),
                "config": peft_qlora.asdict(cfg), "versions": peft_qlora.versions()}

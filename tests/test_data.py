@@ -43,7 +43,8 @@ def test_integer_labels_get_imdb_names_or_the_given_ones(tmp_path):
     args = ["--train-file", str(path), "--eval-file", str(path), "--train-size", "all", "--eval-size", "all"]
     assert peft_qlora.load_data(config(*args)).task.label_names == ["0", "1", "2"]
     assert peft_qlora.load_data(config(*args, "--label-names", "x", "y", "z")).task.label_names == ["x", "y", "z"]
-    assert peft_qlora.load_data(config(*args, "--train-size", "2", "--eval-size", "2")).task.label_names == ["0", "1", "2"]
+    subset = peft_qlora.load_data(config(*args, "--train-size", "2", "--eval-size", "2"))
+    assert subset.task.label_names == ["0", "1", "2"]
 
     binary = tmp_path / "b.parquet"
     import pyarrow as pa

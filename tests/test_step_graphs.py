@@ -65,7 +65,8 @@ def train_tiny(tiny_bert, data_files, tmp_path, graphs):
     test = peft_qlora.tokenize(data.test, tokenizer, cfg.max_length, cfg.truncation, sort_by_length=True)
     plan = peft_qlora.BatchPlan(4, 2, 64, False)
     trainer = peft_qlora.make_trainer(model, tokenizer, train, test, cfg, runtime, plan, str(tmp_path / "ckpt"),
-                                      data.task, class_weights=[0.8, 1.2], evaluate_each_epoch=False, save_checkpoints=False,
+                                      data.task, class_weights=[0.8, 1.2], evaluate_each_epoch=False,
+                                      save_checkpoints=False,
                                       graphs=graphs)
     result = trainer.train()
     weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

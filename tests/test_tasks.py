@@ -35,7 +35,8 @@ def task_files(tmp_path_factory):
     for split, n in (("train", 64), ("test", 32)):
         rows = committed(split, n)
         tables = {"pairs": imdb_tasks.pairs(rows["text"], rows["label"], seed=0),
-                  "multi-label": {"text": rows["text"], "labels": [imdb_tasks.rating_labels(r) for r in rows["rating"]]},
+                  "multi-label": {"text": rows["text"],
+                                  "labels": [imdb_tasks.rating_labels(r) for r in rows["rating"]]},
                   "regression": {"text": rows["text"], "rating": rows["rating"]}}
         for kind, table in tables.items():
             path = folder / f"{kind}_{split}.parquet"
