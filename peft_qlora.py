@@ -102,6 +102,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def _probability(text: str) -> float:
     try:
         value = float(text)
@@ -207,7 +217,12 @@ class Config:
     images_dir: str = _opt("images", "where bar_chart.png and line_chart.png are drawn")
     report_to: str = _opt("none", "where the Trainer also logs the run: tensorboard (into OUTPUT_DIR/logs), wandb, "
                           "mlflow", choices=["none", "tensorboard", "wandb", "mlflow"])
-    resume: bool = _opt(False, "continue an interrupted run from its last checkpoint")
+    save_steps: int | None = _opt(None, "also write a checkpoint every N optimizer steps, besides each epoch's end",
+                                  type=_positive_int)
+    save_minutes: float = _opt(30.0, "also write a checkpoint once this many minutes have passed since the last one, "
+                               "so that a long epoch on a slow GPU is covered; 0: off", type=_non_negative_float)
+    resume: bool = _opt(False, "continue an interrupted run from its last checkpoint (written at each epoch's end, "
+                        "every --save-steps and --save-minutes, and on SIGTERM or Ctrl-C)")
     overwrite: bool = _opt(False, "replace the model (and checkpoints) an earlier run left in --output-dir")
 
     def __post_init__(self):
@@ -1231,8 +1246,31 @@ def compile_layers(model) -> int:
 # The output folder: checked once the inputs are, prepared once the run is ready to train
 
 
-def has_checkpoints(checkpoints: str) -> bool:
-    return os.path.isdir(checkpoints) and any(name.startswith("checkpoint-") for name in os.listdir(checkpoints))
+TRAINER_STATE = "trainer_state.json"  # the Trainer writes it into a checkpoint last: a folder without it is half-written
+
+
+def checkpoint_folders(checkpoints: str) -> list[str]:
+    """The checkpoint folders the Trainer wrote (checkpoint-STEP), oldest first, whole or not."""
+    names = os.listdir(checkpoints) if os.path.isdir(checkpoints) else []
+    steps = sorted(int(name[11:]) for name in names if name.startswith("checkpoint-") and name[11:].isdigit())
+    return [os.path.join(checkpoints, f"checkpoint-{step}") for step in steps]
+
+
+def latest_checkpoint(checkpoints: str) -> str | None:
+    """The newest whole checkpoint: one that a process stopped while writing (killed, or out of disk) is passed
+    over, as the Trainer wrote the checkpoint before it whole and deletes that one only once the new one is."""
+    whole = [path for path in checkpoint_folders(checkpoints) if os.path.isfile(os.path.join(path, TRAINER_STATE))]
+    return whole[-1] if whole else None
+
+
+def remove_half_written(checkpoints: str) -> list[str]:
+    """Removes the checkpoint folders newer than the latest whole one; returns their paths."""
+    latest = latest_checkpoint(checkpoints)
+    folders = checkpoint_folders(checkpoints)
+    newer = folders[folders.index(latest) + 1:] if latest else folders
+    for path in newer:
+        shutil.rmtree(path, ignore_errors=True)
+    return newer
 
 
 def check_output_dir(cfg: Config, runtime: Runtime) -> None:
@@ -1242,9 +1280,9 @@ def check_output_dir(cfg: Config, runtime: Runtime) -> None:
     if os.path.exists(cfg.model_dir) and not cfg.overwrite:
         raise UserError(f"{cfg.model_dir} already holds a trained model: pass --overwrite to replace it once the new "
                         "one is saved, or choose another --output-dir")
-    if cfg.resume and not has_checkpoints(checkpoints):
+    if cfg.resume and latest_checkpoint(checkpoints) is None:
         raise UserError(f"--resume found no checkpoint in {checkpoints}: run without --resume to start afresh")
-    if not cfg.resume and has_checkpoints(checkpoints) and not cfg.overwrite:
+    if not cfg.resume and checkpoint_folders(checkpoints) and not cfg.overwrite:
         raise UserError(f"{checkpoints} holds checkpoints of an interrupted run: pass --resume to continue it, "
                         "or --overwrite to start over")
     if cfg.resume:
@@ -1256,27 +1294,50 @@ def check_output_dir(cfg: Config, runtime: Runtime) -> None:
                             f"interrupted run's: {', '.join(sorted(changed))}")
 
 
-def prepare_output_dir(cfg: Config, runtime: Runtime) -> str:
-    """Readies OUTPUT_DIR/checkpoints for this run and returns its path: a new run clears what --overwrite
-    replaces and records its settings for --resume; a resumed run keeps what is there. Called once the model and
-    the data are ready, so that a run failing before leaves nothing behind. Only the main process writes."""
+def prepare_output_dir(cfg: Config, runtime: Runtime) -> tuple[str, str | None]:
+    """Readies OUTPUT_DIR/checkpoints for this run: a new run clears what --overwrite replaces and records its
+    settings for --resume; a resumed run keeps its latest whole checkpoint, removing any written after it only in
+    part. Called once the model and the data are ready, so that a run failing before leaves nothing behind. Only the
+    main process writes. Returns (the folder, the checkpoint to resume from or None)."""
     checkpoints = cfg.checkpoints_dir
     if not cfg.resume and runtime.is_main:
         shutil.rmtree(checkpoints, ignore_errors=True)
         os.makedirs(checkpoints)
         with open(os.path.join(checkpoints, "run_config.json"), "w") as f:
             json.dump(run_settings(cfg, runtime), f, indent=2)
+    if cfg.resume and runtime.is_main:
+        for path in remove_half_written(checkpoints):
+            log.warning("Removed %s, which a stopped process had written only in part", path)
+        find_best_here(latest_checkpoint(checkpoints))
     wait_for_everyone()
-    return checkpoints
+    resume_from = latest_checkpoint(checkpoints) if cfg.resume else None
+    if resume_from:
+        log.info("Resuming from %s", resume_from)
+    return checkpoints, resume_from
+
+
+def find_best_here(checkpoint: str) -> None:
+    """A checkpoint records the best epoch's checkpoint (with --validation-size) by its path: if the output folder
+    was moved since (to a disk with room, say), the same checkpoint is named where it is now, which the Trainer would
+    otherwise pass over, ending with the last epoch instead of the best."""
+    path = os.path.join(checkpoint, TRAINER_STATE)
+    with open(path) as f:
+        saved = json.load(f)
+    best = saved.get("best_model_checkpoint")
+    here = best and os.path.join(os.path.dirname(checkpoint), os.path.basename(best))
+    if best and not os.path.isdir(best) and os.path.isdir(here):
+        saved["best_model_checkpoint"] = here
+        with open(path, "w") as f:
+            json.dump(saved, f, indent=2)
 
 
 def run_settings(cfg: Config, runtime: Runtime) -> dict:
     """The settings that decide what a run computes (a resumed run must keep them). How the batches are split
-    in memory, and whether their steps run as CUDA graphs, does not change what they compute, so a resumed run
-    may do either differently."""
+    in memory, whether their steps run as CUDA graphs, how often checkpoints are written and where the output
+    folder is (moved to a disk with room, say) do not change what they compute, so a resumed run may change them."""
     settings = asdict(cfg)
-    for key in ("resume", "overwrite", "images_dir", "eval_batch_size", "micro_batch_size", "gradient_checkpointing",
-                "cuda_graphs"):
+    for key in ("resume", "overwrite", "output_dir", "images_dir", "eval_batch_size", "micro_batch_size",
+                "gradient_checkpointing", "cuda_graphs", "save_steps", "save_minutes"):
         settings.pop(key)
     settings["processes"] = runtime.num_processes  # the texts an optimizer step sees
     return settings
@@ -1452,10 +1513,12 @@ def predicted_labels(outputs, threshold: float):
 
 def make_trainer(model, tokenizer, train_ds, eval_ds, cfg: Config, runtime: Runtime, plan: BatchPlan,
                  checkpoints: str, task: Task, class_weights: list[float] | None = None,
-                 evaluate_each_epoch: bool = True, save_checkpoints: bool = True, graphs: bool = False):
+                 evaluate_each_epoch: bool = True, save_checkpoints: bool = True, graphs: bool = False,
+                 schedule=None):
     """The Trainer for this run. eval_ds is what each epoch is evaluated on: the validation texts when the run
     holds some out (the best epoch is then kept), else the test texts. graphs: the fast path (choose_step_path),
-    each training step replayed as a CUDA graph."""
+    each training step replayed as a CUDA graph. schedule: the checkpoints written inside epochs and the stop on a
+    signal (checkpoint_schedule)."""
     from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer, TrainingArguments
     from transformers.trainer_callback import ProgressCallback
 
@@ -1485,8 +1548,11 @@ def make_trainer(model, tokenizer, train_ds, eval_ds, cfg: Config, runtime: Runt
         eval_strategy="epoch" if evaluate_each_epoch else "no",
         # texts: batches of similar lengths (shuffled in groups), little padding; tokens: micro-batches shuffled
         train_sampling_strategy="random" if by_tokens else "group_by_length",
-        save_strategy="epoch" if save_checkpoints else "no",  # a checkpoint per epoch for --resume
-        save_total_limit=1,  # --resume needs only the latest (and the Trainer keeps the best beside it)
+        # A checkpoint per epoch for --resume; the schedule adds those inside epochs
+        save_strategy="epoch" if save_checkpoints else "no",
+        # --resume needs only the latest; with the best kept too, 2, as at 1 the Trainer deletes the latest when
+        # training ends, which for a run stopped by a signal is the checkpoint to resume from
+        save_total_limit=2 if keep_best else 1,
         load_best_model_at_end=keep_best,
         metric_for_best_model=task.best_metric if keep_best else None,
         greater_is_better=task.greater_is_better,
@@ -1502,6 +1568,8 @@ def make_trainer(model, tokenizer, train_ds, eval_ds, cfg: Config, runtime: Runt
     )
     collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=runtime.pad_multiple)
     callbacks = [EarlyStoppingCallback(cfg.early_stopping)] if cfg.early_stopping else []
+    if schedule is not None:
+        callbacks.append(schedule)
     if cfg.report_to == "tensorboard" and runtime.is_main:  # into OUTPUT_DIR/logs, which outlives the checkpoints
         from torch.utils.tensorboard import SummaryWriter
         from transformers.integrations import TensorBoardCallback
@@ -1671,14 +1739,16 @@ def by_true_value(true, predicted) -> list[dict]:
     return summary
 
 
-def train(trainer, resume: bool, device, texts: int, task: Task) -> tuple[list[dict], dict]:
-    """Trains on `texts` training texts, evaluating after every epoch. Returns (history per epoch, training run
+def train(trainer, resume_from: str | None, device, texts: int, task: Task, schedule=None) -> tuple[list[dict], dict]:
+    """Trains on `texts` training texts, evaluating after every epoch, from the checkpoint resume_from if given; with
+    a schedule (checkpoint_schedule), stopping cleanly on a signal. Returns (history per epoch, training run
     figures)."""
     import torch
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    result = trainer.train(resume_from_checkpoint=resume or None)
+    with stopped_cleanly(trainer, schedule):
+        result = trainer.train(resume_from_checkpoint=resume_from)
     history: dict[float, dict] = {}
     for entry in trainer.state.log_history:
         epoch = history.setdefault(round(entry["epoch"]), {"epoch": round(entry["epoch"])})
@@ -1689,9 +1759,12 @@ def train(trainer, resume: bool, device, texts: int, task: Task) -> tuple[list[d
             epoch["train_loss"] = entry["loss"]
     run = {"train_runtime_s": result.metrics["train_runtime"],
            # texts, not the Trainer's samples (a micro-batch each with --batching tokens); a resumed run trained
-           # only the epochs left
-           "train_texts_per_s": None if resume else texts * trainer.state.epoch / result.metrics["train_runtime"],
-           "optimizer_steps": trainer.state.global_step, "peak_memory_bytes": peak_memory(device), "resumed": resume}
+           # only the steps left
+           "train_texts_per_s": None if resume_from else texts * trainer.state.epoch / result.metrics["train_runtime"],
+           "optimizer_steps": trainer.state.global_step, "peak_memory_bytes": peak_memory(device),
+           "resumed": resume_from is not None}
+    if schedule is not None:
+        run["checkpoints"] = schedule.record()
     log.info("Trained %d epoch%s in %.1f s, peak memory %.0f MB", len(history), "s" if len(history) > 1 else "",
              run["train_runtime_s"], run["peak_memory_bytes"] / 1e6)
     graphs = getattr(trainer, "step_graphs", None)  # the fast path's, where it ran
@@ -1717,6 +1790,172 @@ def peak_memory(device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ----------------------------------------------------------------------------------------------
+# Long runs: checkpoints inside epochs, a clean stop on a signal, a failed write said in one line
+
+
+class Interrupted(Exception):
+    """Training stopped on a signal. The command line prints the message, naming --resume, and exits with status
+    128 + the signal's number, as a shell reports a process the signal ended (130 for Ctrl-C, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, signal_number: int):
+        super().__init__(message)
+        self.status = 128 + signal_number
+
+
+class StopSignal:
+    """While training (a context): SIGTERM and the first Ctrl-C (SIGINT) ask it to stop after the current optimizer
+    step (checkpoint_schedule writes a checkpoint there), as preemptible machines send SIGTERM shortly before they
+    kill; a second Ctrl-C stops at once. A SIGINT within a second of the first is not that second one: torchrun and
+    accelerate launch pass the terminal's Ctrl-C on to their processes, which the terminal already reached."""
+
+    def __init__(self):
+        self.received: int | None = None  # the number of the signal that asked to stop
+        self.at = 0.0
+        self.previous: dict = {}
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # only it may take signals
+            for number in (signal.SIGTERM, signal.SIGINT):
+                self.previous[number] = signal.signal(number, self.handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+        self.previous = {}
+
+    def handle(self, number: int, frame) -> None:
+        import signal
+        import time
+
+        if self.received is None:
+            self.received, self.at = number, time.monotonic()
+        elif number == signal.SIGINT and time.monotonic() - self.at > 1.0:
+            raise KeyboardInterrupt
+
+
+def checkpoint_schedule(save_steps: int | None, save_minutes: float, runtime: Runtime):
+    """A Trainer callback that writes a checkpoint inside an epoch every save_steps optimizer steps, once
+    save_minutes have passed since the last checkpoint, and at the step its StopSignal (.stop) arrived, after which
+    training stops (an epoch's last step is left to the epoch's own checkpoint and evaluation). Under several
+    processes they agree at every step (one all-reduce), so all write, and stop, at the same step.
+
+    It also keeps each epoch's order when a run resumes inside it: the Trainer's length-grouped sampler draws the
+    epoch's order from the global random state at the epoch's start, but restores the checkpoint's random state only
+    after it has skipped the batches already trained. The state at each epoch's start is kept beside the
+    checkpoints (a file per process), and a run resuming inside that epoch starts it from there."""
+    import time
+
+    import torch
+    from transformers import TrainerCallback
+
+    class CheckpointSchedule(TrainerCallback):
+        def __init__(self):
+            self.stop = StopSignal()
+            self.last = time.monotonic()
+            self.written: list[int] = []
+            self.stopped_inside_epoch = False
+
+        def on_epoch_begin(self, args, state, control, **kwargs):
+            path = os.path.join(args.output_dir, f"epoch_start_rng_{runtime.process_index}.pth")
+            epoch = int(state.epoch)  # whole epochs trained; inside an epoch only when a run resumes there
+            if state.epoch > epoch and os.path.isfile(path):
+                saved = torch.load(path)
+                if saved["epoch"] == epoch:
+                    torch.set_rng_state(saved["cpu"])
+            elif state.epoch == epoch:
+                torch.save({"epoch": epoch, "cpu": torch.get_rng_state()}, path + ".partial")
+                os.replace(path + ".partial", path)  # whole or not at all
+
+        def on_step_end(self, args, state, control, **kwargs):
+            due = bool(save_steps) and state.global_step % save_steps == 0
+            due = due or (save_minutes > 0 and time.monotonic() - self.last >= 60 * save_minutes)
+            due, stopping = any_process(runtime, due, self.stop.received is not None)
+            epoch_end = abs(state.epoch - round(state.epoch)) < 1e-9
+            if stopping:
+                control.should_training_stop = True
+                self.stopped_inside_epoch = not epoch_end
+            if (due or stopping) and not epoch_end:
+                control.should_save = True
+            return control
+
+        def on_epoch_end(self, args, state, control, **kwargs):
+            if self.stopped_inside_epoch:  # not the epoch's end: no evaluation, log or second checkpoint
+                control.should_evaluate = control.should_save = control.should_log = False
+            return control
+
+        def on_save(self, args, state, control, **kwargs):
+            self.last = time.monotonic()
+            self.written.append(state.global_step)
+
+        def record(self) -> dict:
+            """What metrics.json says of the checkpoints: how often, and at which steps this process wrote them."""
+            return {"save_steps": save_steps, "save_minutes": save_minutes, "written_at_steps": self.written}
+
+    return CheckpointSchedule()
+
+
+def any_process(runtime: Runtime, *flags: bool) -> list[bool]:
+    """Each flag, true if it is true in any process of the run."""
+    if runtime.num_processes == 1:
+        return list(flags)
+    import torch
+    import torch.distributed as dist
+
+    together = torch.tensor([float(flag) for flag in flags], device=runtime.device)
+    dist.all_reduce(together, op=dist.ReduceOp.MAX)
+    return [bool(value) for value in together.tolist()]
+
+
+@contextlib.contextmanager
+def stopped_cleanly(trainer, schedule):
+    """Training under the schedule's StopSignal, each way it can end short said in one line that names --resume: a
+    signal (Interrupted, after the checkpoint at its step), a second Ctrl-C (Interrupted, at once), a checkpoint
+    that could not be written (a UserError: the half-written one removed, the one before kept)."""
+    import signal
+
+    if schedule is None:
+        yield
+        return
+    checkpoints = trainer.args.output_dir
+    try:
+        with schedule.stop:
+            yield
+    except KeyboardInterrupt:
+        latest = latest_checkpoint(checkpoints)
+        raise Interrupted(f"stopped at once by a second Ctrl-C at step {trainer.state.global_step}: the last whole "
+                          f"checkpoint is {latest or 'none yet'}; continue with the same command and --resume"
+                          if latest else "stopped at once by a second Ctrl-C, before the first checkpoint",
+                          signal.SIGINT) from None
+    except Exception as e:
+        half = remove_half_written(checkpoints) if trainer.args.should_save else []
+        if not half:
+            raise
+        free = shutil.disk_usage(checkpoints).free / 2**20
+        latest = latest_checkpoint(checkpoints)
+        raise UserError(f"could not write the checkpoint {os.path.basename(half[-1])} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}; {free:.0f} MiB left on its disk), removed it; "
+                        + (f"{latest} is kept: free some space, then continue with --resume" if latest else
+                           "there is no earlier checkpoint: free some space and run again")) from e
+    finally:  # a progress bar an error left open would share its line with the error's
+        for callback in trainer.callback_handler.callbacks:
+            if getattr(callback, "training_bar", None) is not None:
+                callback.training_bar.close()
+                callback.training_bar = None
+    received = schedule.stop.received
+    if received is not None:
+        step = trainer.state.global_step
+        raise Interrupted(f"stopped by {signal.Signals(received).name} at step {step} of {trainer.state.max_steps}; "
+                          f"its checkpoint is in {os.path.join(checkpoints, f'checkpoint-{step}')}: continue with the "
+                          "same command and --resume", received)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2503,18 +2742,19 @@ def run(cfg: Config) -> dict:
         test_ds = tokenize(data.test, tokenizer, cfg.max_length, cfg.truncation, sort_by_length=True)
         validation_ds = (tokenize(data.validation, tokenizer, cfg.max_length, cfg.truncation, sort_by_length=True)
                          if data.validation else None)
-        checkpoints = prepare_output_dir(cfg, runtime)
+        checkpoints, resume_from = prepare_output_dir(cfg, runtime)
+        schedule = checkpoint_schedule(cfg.save_steps, cfg.save_minutes, runtime)
         trainer = make_trainer(model, tokenizer, train_ds, validation_ds or test_ds, cfg, runtime, plan, checkpoints,
-                               task, class_weights=weights, graphs=graphs)
+                               task, class_weights=weights, graphs=graphs, schedule=schedule)
         with attention_kernels(runtime):
             before = evaluate(trainer, test_ds, task, "Before training")
             metrics = {"before": before}
             if validation_ds:  # where the per-epoch line starts
                 metrics["validation_before"] = evaluate(trainer, validation_ds, task, "Validation before training")
             with explain_out_of_memory("training", f"lower --micro-batch-size (this run: {plan.micro_batch}) or "
-                                       "--max-length, or turn on --gradient-checkpointing; the checkpoints of finished "
-                                       f"epochs stay in {checkpoints}: continue with --resume"):
-                history, run_info = train(trainer, cfg.resume, runtime.device, len(data.train), task)
+                                       "--max-length, or turn on --gradient-checkpointing; the checkpoints written so "
+                                       f"far stay in {checkpoints}: continue with --resume"):
+                history, run_info = train(trainer, resume_from, runtime.device, len(data.train), task, schedule)
             after = evaluate(trainer, test_ds, task, "After training")  # the best epoch's model, if kept
         metrics.update(after=after, history=history, label_names=task.label_names, task=asdict(task),
                        model=model_info,
@@ -2568,6 +2808,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         log.error("error: %s", e)
         return 1
+    except Interrupted as e:  # every process stopped at the same step; one says so
+        if os.environ.get("RANK", "0") == "0":
+            log.error("%s", e)
+        return e.status
     finally:
         end_process_group()
     return 0

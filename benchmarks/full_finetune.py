@@ -47,7 +47,8 @@ def main():
                                       cfg.checkpoints_dir, task,
                                       save_checkpoints=False)  # a comparison run: nothing to resume
     before = peft_qlora.evaluate(trainer, eval_ds, task, "Before training")
-    history, run = peft_qlora.train(trainer, resume=False, device=runtime.device, texts=len(data.train), task=task)
+    history, run = peft_qlora.train(trainer, resume_from=None, device=runtime.device, texts=len(data.train),
+                                    task=task)
     after = peft_qlora.evaluate(trainer, eval_ds, task, "After training")
     metrics = {"method": "full fine-tuning", "before": before, "after": after, "history": history,
                "label_names": task.label_names, "task": peft_qlora.asdict(task),

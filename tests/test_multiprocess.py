@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import SCRIPT, run_cli, train_args
 
 
@@ -35,41 +37,61 @@ def test_two_processes_split_the_data_and_save_one_model_that_predicts(tiny_bert
     assert [row["text"] for row in json.loads(predicted.stdout)] == ["A fine film.", "A dull one."]
 
 
-def test_an_interrupted_two_process_run_resumes_to_its_end(tiny_bert, tmp_path):
-    """Started by accelerate launch, killed after its first epoch's checkpoint as a lost machine would be, resumed
-    by torchrun with as many processes; a resume with another number of processes is refused (a step would see
-    other texts)."""
+def test_two_processes_stopped_by_sigterm_stop_at_one_step_and_resume_to_the_same_end(tiny_bert, tmp_path):
+    """torchrun passes a SIGTERM on to its processes, which agree on one step to stop at, write its checkpoint (each
+    its random state) and end; resumed by accelerate launch with as many processes, the run ends where an
+    uninterrupted one does. A resume with another number of processes is refused (a step would see other texts)."""
     import signal
     import time
 
-    import psutil
+    import torch
+    from safetensors.torch import load_file
 
     from conftest import DATA
 
-    out = tmp_path / "run"
-    args = train_args(tiny_bert, {"train": os.path.join(DATA, "imdb_train.parquet"),
-                                  "test": os.path.join(DATA, "imdb_test.parquet")}, out)
-    args += ["--epochs", "3", "--eval-size", "64"]  # 512 texts: 32 steps an epoch in each of two processes
-    command = {launcher: [sys.executable, *LAUNCHERS[launcher], SCRIPT, *map(str, args)] for launcher in LAUNCHERS}
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    first = out / "checkpoints" / "checkpoint-32" / "trainer_state.json"  # written last in a checkpoint
-    process = subprocess.Popen(command["accelerate launch"], env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not first.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    launcher = psutil.Process(process.pid)
-    for proc in [launcher, *launcher.children(recursive=True)]:  # the workers have process groups of their own
-        proc.send_signal(signal.SIGKILL)
-    process.wait()
-    assert first.exists() and not (out / "model").exists(), "the run should stop during epoch 2"
+    def args(out):  # 512 texts: 32 steps an epoch in each of two processes
+        return [*train_args(tiny_bert, {"train": os.path.join(DATA, "imdb_train.parquet"),
+                                        "test": os.path.join(DATA, "imdb_test.parquet")}, out),
+                "--epochs", "3", "--eval-size", "64"]
 
-    alone = run_cli(*args, "--resume")
+    def command(launcher, out, *extra):
+        return [sys.executable, *LAUNCHERS[launcher], SCRIPT, *map(str, args(out)), *extra]
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    reference = subprocess.run(command("torchrun", tmp_path / "reference"), env=env, capture_output=True, text=True,
+                               timeout=600)
+    assert reference.returncode == 0, reference.stderr[-5000:]
+
+    out = tmp_path / "run"
+    process = subprocess.Popen(command("torchrun", out, "--save-steps", "4"), env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    under_way = out / "checkpoints" / "checkpoint-36" / "trainer_state.json"  # inside epoch 2
+    deadline = time.time() + 300
+    while not under_way.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)  # to torchrun, as a cluster's scheduler sends it
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode != 0 and not (out / "model").exists()
+    [line] = [line for line in stderr.splitlines() if line.startswith("stopped by SIGTERM at step ")]  # one speaks
+    step = int(line.split(" at step ")[1].split()[0])
+    checkpoint = out / "checkpoints" / f"checkpoint-{step}"
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["global_step"] == step and 1 < state["epoch"] < 2
+    assert (checkpoint / "rng_state_0.pth").exists() and (checkpoint / "rng_state_1.pth").exists(), "both wrote"
+
+    alone = run_cli(*args(out), "--resume")
     assert alone.returncode == 1 and "differ from the interrupted run's: processes" in alone.stderr
 
-    resumed = subprocess.run(command["torchrun"] + ["--resume"], env=env, capture_output=True, text=True,
+    resumed = subprocess.run(command("accelerate launch", out, "--resume"), env=env, capture_output=True, text=True,
                              timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-5000:]
-    metrics = json.loads((out / "model" / "metrics.json").read_text())
-    assert metrics["training"]["resumed"] and metrics["processes"] == 2
-    assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3] and metrics["training"]["optimizer_steps"] == 96
+    got, want = (json.loads((folder / "model" / "metrics.json").read_text()) for folder in (out, tmp_path /
+                                                                                            "reference"))
+    assert got["training"]["resumed"] and got["processes"] == 2
+    assert got["training"]["optimizer_steps"] == want["training"]["optimizer_steps"] == 96
+    for mine, theirs in zip(got["history"], want["history"], strict=True):
+        assert mine["accuracy"] == theirs["accuracy"] and mine["loss"] == pytest.approx(theirs["loss"], abs=1e-4)
+    ours, theirs = (load_file(folder / "model" / "adapter_model.safetensors") for folder in (out, tmp_path /
+                                                                                             "reference"))
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], atol=1e-5, rtol=1e-4)
