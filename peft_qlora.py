@@ -1622,7 +1622,21 @@ def make_trainer(model, tokenizer, train_ds, eval_ds, cfg: Config, runtime: Runt
                             compute_loss_func=task_loss(task, model, class_weights))
     trainer.remove_callback(ProgressCallback)  # for one that prints less
     trainer.add_callback(epoch_progress(task))
+    if runtime.fsdp:
+        shard_as_peft_and_bitsandbytes_document(trainer, model, runtime)
     return trainer
+
+
+def shard_as_peft_and_bitsandbytes_document(trainer, model, runtime: Runtime) -> None:
+    """FSDP's wrapping and mixed precision for a 4-bit model with LoRA: a unit per transformer layer and one per
+    trainable leaf (peft's policy; a unit mixing trained and frozen weights cannot be flattened), computing in the
+    dtype the 4-bit weights are stored in. The Trainer sets the same only when it first trains, but the model is
+    evaluated before that, which wraps it."""
+    from peft.utils.other import fsdp_auto_wrap_policy
+
+    plugin = trainer.accelerator.state.fsdp_plugin
+    plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
+    plugin.set_mixed_precision(runtime.dtype, override=True)
 
 
 def epoch_progress(task: Task):
