@@ -2870,6 +2870,9 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             log.error("%s", e)
         return e.status
+    except KeyboardInterrupt:  # Ctrl-C outside training: nothing trained is lost, nothing to say but that
+        log.error("stopped by Ctrl-C")
+        return 128 + 2
     finally:
         end_process_group()
     return 0
