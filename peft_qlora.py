@@ -3,14 +3,19 @@
 The recipe: load the model in 4-bit NF4, add LoRA adapters (r=8, alpha=16, dropout 0.1) to the
 attention query and value matrices, evaluate the untrained model, train with the Hugging Face
 Trainer, evaluate again, draw before/after charts, save the adapter, and serve predictions.
-Encoders (BERT, RoBERTa, DistilBERT) and decoder LLMs (Llama, Mistral, Qwen, Gemma, SmolLM) alike.
+Encoders (BERT, RoBERTa, DistilBERT) and decoder LLMs (Llama, Mistral, Qwen, Gemma, SmolLM) alike;
+one label per text, several labels per text, a number per text, or pairs of texts.
 
     pip install -r requirements.txt
     python peft_qlora.py                                    # bert-base-uncased on IMDb, from the hub
     python peft_qlora.py --train-size 500 --eval-size 500   # a quicker run
     python peft_qlora.py --model meta-llama/Meta-Llama-3-8B # a decoder LLM, batches sized to the GPU
     python peft_qlora.py --model path/to/model --train-file train.parquet --eval-file test.parquet
+    python peft_qlora.py --label-column rating --task regression   # a number per text (lists of labels: multi-label)
+    python peft_qlora.py --text-column premise hypothesis ...      # pairs of texts
+    python peft_qlora.py ... --resume                       # continue a run stopped by SIGTERM, Ctrl-C or a crash
     torchrun --nproc_per_node 2 peft_qlora.py ...           # several GPUs (or: accelerate launch peft_qlora.py)
+    accelerate launch --config_file fsdp.yaml peft_qlora.py ...    # a model sharded across GPUs (FSDP)
     python peft_qlora.py predict "A wonderful film." "Two hours I will never get back."
     python peft_qlora.py predict --file reviews.csv --output predictions.csv   # a whole file
     python peft_qlora.py export --merged outputs/merged     # a plain transformers model, LoRA merged
