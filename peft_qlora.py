@@ -437,7 +437,8 @@ def check_fsdp(cuda: bool) -> None:
                         "(each wrapped layer then holds one flat tensor of one dtype)")
     if not cuda:
         raise UserError("FSDP shards the model across CUDA GPUs and none is visible: on the CPU, launch without "
-                        f"--config_file {FSDP_CONFIG} (torchrun or accelerate launch --multi_gpu copy the model instead)")
+                        f"--config_file {FSDP_CONFIG} (torchrun or accelerate launch --multi_gpu copy the model "
+                        "instead)")
 
 
 def choose_precision(requested: str, device) -> str:
@@ -1290,7 +1291,8 @@ def compile_layers(model) -> int:
 # The output folder: checked once the inputs are, prepared once the run is ready to train
 
 
-TRAINER_STATE = "trainer_state.json"  # the Trainer writes it into a checkpoint last: a folder without it is half-written
+# The Trainer writes it into a checkpoint last: a checkpoint folder without it is half-written
+TRAINER_STATE = "trainer_state.json"
 
 
 def checkpoint_folders(checkpoints: str) -> list[str]:

@@ -3,8 +3,8 @@
 Takes peft_qlora.py's flags (data, the task and its columns, subsets, --max-length, --truncation, epochs, batch size,
 precision, seed) and trains every weight of the unquantized model (fp32 weights, bf16/fp16 mixed precision on a
 GPU) instead of LoRA adapters on a 4-bit base, through the same data pipeline, task, batch planning, Trainer
-settings and evaluation; several GPUs through torchrun as peft_qlora.py. Full fine-tuning needs a far lower learning rate
-than LoRA, for example --learning-rate 3e-5.
+settings and evaluation; several GPUs through torchrun as peft_qlora.py. Full fine-tuning needs a far lower
+learning rate than LoRA, for example --learning-rate 3e-5.
 
     python benchmarks/full_finetune.py --model ../shared/models/minilm-l6-h384-uncased \\
         --train-file ../shared/data/imdb/train.parquet --eval-file ../shared/data/imdb/test.parquet \\
