@@ -2814,6 +2814,8 @@ def run(cfg: Config) -> dict:
             metrics = {"before": before}
             if validation_ds:  # where the per-epoch line starts
                 metrics["validation_before"] = evaluate(trainer, validation_ds, task, "Validation before training")
+            if runtime.fsdp:  # the evaluation wrapped the model, after which the Trainer would train without one
+                trainer.create_optimizer(trainer.model_wrapped)
             with explain_out_of_memory("training", f"lower --micro-batch-size (this run: {plan.micro_batch}) or "
                                        "--max-length, or turn on --gradient-checkpointing; the checkpoints written so "
                                        f"far stay in {checkpoints}: continue with --resume"):
