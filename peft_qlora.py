@@ -15,7 +15,6 @@ one label per text, several labels per text, a number per text, or pairs of text
     python peft_qlora.py --text-column premise hypothesis ...      # pairs of texts
     python peft_qlora.py ... --resume                       # continue a run stopped by SIGTERM, Ctrl-C or a crash
     torchrun --nproc_per_node 2 peft_qlora.py ...           # several GPUs (or: accelerate launch peft_qlora.py)
-    accelerate launch --config_file fsdp.yaml peft_qlora.py ...    # a model sharded across GPUs (FSDP)
     python peft_qlora.py predict "A wonderful film." "Two hours I will never get back."
     python peft_qlora.py predict --file reviews.csv --output predictions.csv   # a whole file
     python peft_qlora.py export --merged outputs/merged     # a plain transformers model, LoRA merged
@@ -389,7 +388,6 @@ class Runtime:
     # Lengths rounded up to a multiple of 64 on a GPU: few distinct shapes, so the work of each new shape (cuBLAS's
     # and the attention kernels' choices) is done for 8 shapes up to 512 tokens, not hundreds. None on the CPU.
     pad_multiple: int | None = None
-    fsdp: bool = False  # the processes shard the model between them (accelerate launch with FSDP_CONFIG), not copy it
 
     @property
     def is_main(self) -> bool:
@@ -406,39 +404,22 @@ class Runtime:
         return -(-length // self.pad_multiple) * self.pad_multiple if self.pad_multiple else length
 
 
-FSDP_CONFIG = "fsdp.yaml"  # beside this script: accelerate launch --config_file fsdp.yaml peft_qlora.py ...
-
-
 def decide_runtime(requested_precision: str) -> Runtime:
-    """This process's device, rank and precision, and whether FSDP shards the model. Under torchrun or accelerate
-    launch, accelerate's PartialState joins the process group (NCCL on GPUs, gloo on CPUs) and gives each process
-    its own GPU."""
+    """This process's device, rank and precision. Under torchrun or accelerate launch, accelerate's PartialState
+    joins the process group (NCCL on GPUs, gloo on CPUs) and gives each process its own GPU."""
     import torch
     from accelerate import PartialState
 
-    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"  # set by accelerate launch's FSDP config
-    if fsdp:
-        check_fsdp(torch.cuda.is_available())
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":  # set by accelerate launch's FSDP config
+        raise UserError("FSDP does not train here yet: on an H200 the 4-bit model was sharded and evaluated, but its "
+                        "first optimizer step failed (README: Several GPUs). Launch with torchrun or accelerate "
+                        "launch --multi_gpu instead: each GPU then holds its own 4-bit copy")
     state = PartialState(cpu=not torch.cuda.is_available())
     device = state.device
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return Runtime(device, choose_precision(requested_precision, device), state.process_index, state.num_processes,
-                   pad_multiple=64 if device.type == "cuda" else None, fsdp=fsdp)
-
-
-def check_fsdp(cuda: bool) -> None:
-    """What FSDP needs here, as accelerate launch's environment says, each refusal in one line."""
-    if os.environ.get("FSDP_VERSION", "1") != "1":
-        raise UserError(f"fsdp_version {os.environ['FSDP_VERSION']} is not supported here: use fsdp_version 1, as "
-                        f"{FSDP_CONFIG} does")
-    if os.environ.get("FSDP_USE_ORIG_PARAMS", "false").lower() == "true":
-        raise UserError(f"fsdp_use_orig_params true is not supported here: set it to false, as {FSDP_CONFIG} does "
-                        "(each wrapped layer then holds one flat tensor of one dtype)")
-    if not cuda:
-        raise UserError("FSDP shards the model across CUDA GPUs and none is visible: on the CPU, launch without "
-                        f"--config_file {FSDP_CONFIG} (torchrun or accelerate launch --multi_gpu copy the model "
-                        "instead)")
+                   pad_multiple=64 if device.type == "cuda" else None)
 
 
 def choose_precision(requested: str, device) -> str:
@@ -1054,9 +1035,6 @@ def quiet_transformers():
     try:
         with warnings.catch_warnings(), quiet_hub():
             warnings.simplefilter("ignore", FutureWarning)
-            # accelerate's notice, per wrapped layer, of the fp32 copies it keeps under FSDP (log_fsdp_dtypes says it)
-            warnings.filterwarnings("ignore", message="Upcasted low precision parameters")
-            warnings.filterwarnings("ignore", message="FSDP upcast of low precision parameters")
             yield
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -1105,15 +1083,12 @@ def quantized_load_kwargs(task: Task, runtime: Runtime) -> dict:
         bnb_4bit_use_double_quant=True,  # quantize the quantization constants too: ~0.4 bits/param less
         bnb_4bit_compute_dtype=runtime.dtype,  # the default is fp32: slow on a GPU
         llm_int8_skip_modules=list(UNQUANTIZED_MODULES),  # replaces transformers' own list, so name the head
-        # FSDP shards only float tensors, and flattens each wrapped layer into one tensor of one dtype: the packed
-        # 4-bit weights are stored in the compute dtype instead of uint8 (the same bytes, read as floats)
-        **({"bnb_4bit_quant_storage": runtime.dtype} if runtime.fsdp else {}),
     )
     return dict(**head_config(task), quantization_config=quantization,
                 # What stays unquantized (embeddings, norms) is frozen: the compute dtype is enough, half of fp32
                 # (Llama 3's 128,256-token embedding: 1.05 GB instead of 2.1)
                 dtype=runtime.dtype,
-                device_map={"": runtime.device})  # each process its own copy, on its own GPU (FSDP then shards it)
+                device_map={"": runtime.device})  # each process its own copy, on its own GPU
 
 
 def head_config(task: Task) -> dict:
@@ -1144,11 +1119,9 @@ def load_base_model(source: str, task: Task, runtime: Runtime):
     if missing:
         log.warning("%s lacks %d weights, which start random: %s", source, len(missing), ", ".join(missing[:10]))
     # What trains stays fp32: fp16 mixed precision (a T4) can only unscale fp32 gradients, and small updates to
-    # 16-bit weights would round away. Under FSDP it stays in the compute dtype like everything in its wrapped layer,
-    # and accelerate keeps fp32 copies of the sharded trainable weights, which the optimizer updates.
-    if not runtime.fsdp:
-        for head in trainable_heads(model).values():
-            head.float()
+    # 16-bit weights would round away
+    for head in trainable_heads(model).values():
+        head.float()
     return model
 
 
@@ -1240,12 +1213,9 @@ def build_model(cfg: Config, tokenizer, task: Task, runtime: Runtime):
                       target_modules="all-linear" if list(targets) == ["all-linear"] else list(targets),
                       modules_to_save=list(heads))  # a copy: peft appends its own guesses to the list
     try:
-        # peft makes the LoRA weights fp32; under FSDP they stay in the compute dtype (load_base_model says why)
-        model = get_peft_model(model, lora, autocast_adapter_dtype=not runtime.fsdp)
+        model = get_peft_model(model, lora)
     except ValueError as e:
         raise UserError(f"--lora-targets {' '.join(targets)}: {e}") from e
-    if runtime.fsdp:
-        log_fsdp_dtypes(model, runtime, heads)
 
     trainable, total = model.get_nb_trainable_parameters()
     targeted = {name.rsplit(".", 1)[-1] for name in model.peft_config["default"].target_modules}
@@ -1259,17 +1229,6 @@ def build_model(cfg: Config, tokenizer, task: Task, runtime: Runtime):
     log.info("Model memory: %.1f MB in 4-bit vs %.1f MB in fp32 (%.0f%% smaller)", info["memory_4bit_bytes"] / 1e6,
              info["memory_fp32_bytes"] / 1e6, 100 * (1 - info["memory_4bit_bytes"] / info["memory_fp32_bytes"]))
     return model, info
-
-
-def log_fsdp_dtypes(model, runtime: Runtime, heads: list[str]) -> None:
-    """Under FSDP every weight is in the compute dtype, the packed 4-bit ones included, so each wrapped layer
-    flattens into one tensor; says so in one line, or raises if a weight is not."""
-    other = sorted({f"{name} ({p.dtype})" for name, p in model.named_parameters() if p.dtype != runtime.dtype})
-    if other:
-        raise RuntimeError(f"FSDP needs every weight in {runtime.dtype}; these are not: {', '.join(other[:5])}")
-    log.info("FSDP: every weight in %s (the 4-bit ones stored as %s), one dtype per wrapped layer; what trains "
-             "(LoRA, %s) is updated in fp32 copies that accelerate keeps, and computes in %s",
-             runtime.precision, runtime.precision, ", ".join(heads), runtime.precision)
 
 
 def compile_layers(model) -> int:
@@ -1629,21 +1588,7 @@ def make_trainer(model, tokenizer, train_ds, eval_ds, cfg: Config, runtime: Runt
                             compute_loss_func=task_loss(task, model, class_weights))
     trainer.remove_callback(ProgressCallback)  # for one that prints less
     trainer.add_callback(epoch_progress(task))
-    if runtime.fsdp:
-        shard_as_peft_and_bitsandbytes_document(trainer, model, runtime)
     return trainer
-
-
-def shard_as_peft_and_bitsandbytes_document(trainer, model, runtime: Runtime) -> None:
-    """FSDP's wrapping and mixed precision for a 4-bit model with LoRA: a unit per transformer layer and one per
-    trainable leaf (peft's policy; a unit mixing trained and frozen weights cannot be flattened), computing in the
-    dtype the 4-bit weights are stored in. The Trainer sets the same only when it first trains, but the model is
-    evaluated before that, which wraps it."""
-    from peft.utils.other import fsdp_auto_wrap_policy
-
-    plugin = trainer.accelerator.state.fsdp_plugin
-    plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
-    plugin.set_mixed_precision(runtime.dtype, override=True)
 
 
 def epoch_progress(task: Task):
@@ -2029,7 +1974,6 @@ def choose_step_path(cfg: Config, runtime: Runtime, plan: BatchPlan) -> bool:
     once (benchmarks/NOTES.md)."""
     reason = ("--cuda-graphs off" if cfg.cuda_graphs == "off" else
               "no CUDA GPU" if runtime.device.type != "cuda" else
-              "FSDP" if runtime.fsdp else
               "several processes, whose gradients are averaged during the backward pass" if runtime.num_processes > 1
               else "gradient checkpointing" if plan.gradient_checkpointing else
               "--compile" if cfg.compile else None)
@@ -2147,10 +2091,9 @@ def graphed_trainer():
 # Saving and charts
 
 
-def save(model, tokenizer, metrics: dict, serving: dict, model_dir: str, state_dict: dict | None = None) -> None:
+def save(model, tokenizer, metrics: dict, serving: dict, model_dir: str) -> None:
     """Writes to a temporary folder beside model_dir, then renames it into place: a crash never leaves a
-    half-written model where predict() would load it, and an older model is replaced only by a whole one.
-    state_dict: the model's weights gathered from the processes that shard it (FSDP)."""
+    half-written model where predict() would load it, and an older model is replaced only by a whole one."""
     parent = os.path.dirname(os.path.abspath(model_dir))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".model-", dir=parent)
@@ -2158,8 +2101,7 @@ def save(model, tokenizer, metrics: dict, serving: dict, model_dir: str, state_d
     os.umask(umask)
     os.chmod(staging, 0o777 & ~umask)  # mkdtemp's folder is private (0700); a model folder is not
     try:
-        # the LoRA adapter and the trained head, not the 4-bit base
-        model.save_pretrained(staging, **({"state_dict": state_dict} if state_dict is not None else {}))
+        model.save_pretrained(staging)  # the LoRA adapter and the trained head, not the 4-bit base
         tokenizer.save_pretrained(staging)
         for name, content in (("metrics.json", metrics), (SERVING_FILE, serving)):
             with open(os.path.join(staging, name), "w") as f:
@@ -2445,7 +2387,7 @@ def load_trained(model_dir: str, dequantized: bool = False):
 
     settings = read_serving_settings(model_dir)
     task = serving_task(settings)
-    runtime = replace(decide_runtime("auto"), fsdp=False)  # served whole, in one process
+    runtime = decide_runtime("auto")
     base = load_base_model(PeftConfig.from_pretrained(model_dir).base_model_name_or_path, task, runtime)
     if dequantized:
         base.dequantize(dtype=torch.float32)  # exact: fp32 holds every NF4 value
@@ -2814,8 +2756,6 @@ def run(cfg: Config) -> dict:
             metrics = {"before": before}
             if validation_ds:  # where the per-epoch line starts
                 metrics["validation_before"] = evaluate(trainer, validation_ds, task, "Validation before training")
-            if runtime.fsdp:  # the evaluation wrapped the model, after which the Trainer would train without one
-                trainer.create_optimizer(trainer.model_wrapped)
             with explain_out_of_memory("training", f"lower --micro-batch-size (this run: {plan.micro_batch}) or "
                                        "--max-length, or turn on --gradient-checkpointing; the checkpoints written so "
                                        f"far stay in {checkpoints}: continue with --resume"):
@@ -2826,12 +2766,10 @@ def run(cfg: Config) -> dict:
                        training=run_info, batches=plan._asdict(), precision=runtime.precision,
                        processes=runtime.num_processes, device=device_name(runtime), config=asdict(cfg),
                        versions=versions())
-        # FSDP: the shards gathered into the main process's memory, for the usual adapter (every process takes part)
-        state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) if runtime.fsdp else None
         if not runtime.is_main:  # the main process saves and draws for all
             return metrics
         # Before the charts, so a plotting failure cannot lose it
-        save(model, tokenizer, metrics, serving_settings(cfg, task, plan, runtime), cfg.model_dir, state_dict)
+        save(model, tokenizer, metrics, serving_settings(cfg, task, plan, runtime), cfg.model_dir)
         shutil.rmtree(checkpoints)  # the saved model supersedes them
     try:
         plot(metrics, task, cfg.images_dir)

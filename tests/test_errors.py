@@ -196,19 +196,3 @@ def test_a_plotting_failure_keeps_the_model(tiny_bert, data_files, tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "the model is saved in" in result.stderr and "charts could not be drawn" in result.stderr
     assert (tmp_path / "model" / "adapter_model.safetensors").is_file()
-
-
-def test_fsdp_is_refused_with_the_launchers_that_work(tiny_bert, data_files, tmp_path):
-    """accelerate launch with an FSDP config sets ACCELERATE_USE_FSDP in every process it starts."""
-    import os
-    import subprocess
-    import sys
-
-    from conftest import SCRIPT
-
-    result = subprocess.run([sys.executable, SCRIPT, *map(str, train_args(tiny_bert, data_files, tmp_path))],
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_FSDP": "true"},
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    assert "FSDP does not work with this script yet" in result.stderr and "torchrun" in result.stderr
-    assert not (tmp_path / "model").exists()
