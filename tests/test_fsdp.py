@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT, SCRIPT, data_files, train_args  # noqa: F401  (data_files: a fixture)
+from conftest import ROOT, SCRIPT, train_args
 
 CONFIG = os.path.join(ROOT, "benchmarks", "fsdp.yaml")
 REFUSAL = ("error: FSDP does not train here yet: on an H200 the 4-bit model was sharded and evaluated, but its first "
