@@ -561,14 +561,14 @@ def load_data(cfg: Config) -> Splits:
         columns[split] = ([check_texts(ds[c], split, c) for c in cfg.text_column],
                           check_labels(list(ds[cfg.label_column]), split))
     kind = decide_task(cfg.task, *(label_kind(columns[split][1], split) for split in ("train", "test")))
-    labels = {split: split_labels for split, (_, split_labels) in columns.items()}
+    by_split = {split: split_labels for split, (_, split_labels) in columns.items()}
     if kind == "classification":  # (names, each label as the loss takes it, the groups a subset is balanced over)
         class_names = getattr(splits["train"].features[cfg.label_column], "names", None)  # a ClassLabel's
-        label_names, to_target, group = class_targets(labels, class_names, cfg.label_names)
+        label_names, to_target, group = class_targets(by_split, class_names, cfg.label_names)
     elif kind == "multi-label":
-        label_names, to_target, group = multi_label_targets(labels, cfg.label_names)
+        label_names, to_target, group = multi_label_targets(by_split, cfg.label_names)
     else:
-        label_names, to_target, group = regression_targets(labels)
+        label_names, to_target, group = regression_targets(by_split)
     out = []
     for split, size, flag in (("train", cfg.train_size, "--train-size"), ("test", cfg.eval_size, "--eval-size")):
         texts, labels = columns[split]
@@ -1257,7 +1257,8 @@ TRAINER_STATE = "trainer_state.json"
 def checkpoint_folders(checkpoints: str) -> list[str]:
     """The checkpoint folders the Trainer wrote (checkpoint-STEP), oldest first, whole or not."""
     names = os.listdir(checkpoints) if os.path.isdir(checkpoints) else []
-    steps = sorted(int(name[11:]) for name in names if name.startswith("checkpoint-") and name[11:].isdigit())
+    steps = sorted(int(step) for step in (name.removeprefix("checkpoint-") for name in names
+                                          if name.startswith("checkpoint-")) if step.isdigit())
     return [os.path.join(checkpoints, f"checkpoint-{step}") for step in steps]
 
 
@@ -1510,10 +1511,11 @@ def compute_metrics(eval_pred, task: Task) -> dict:
 
 
 def predicted_labels(outputs, threshold: float):
-    """Multi-label: 1 where a label's probability (the sigmoid of its output) is above the threshold."""
-    import numpy as np
+    """Multi-label: 1 where a label's probability (the sigmoid of its output) is above the threshold, that is where
+    the output is above the threshold's log-odds (no exp to overflow on large outputs)."""
+    import math
 
-    return (1 / (1 + np.exp(-outputs)) > threshold).astype(int)
+    return (outputs > math.log(threshold / (1 - threshold))).astype(int)
 
 
 def make_trainer(model, tokenizer, train_ds, eval_ds, cfg: Config, runtime: Runtime, plan: BatchPlan,
@@ -1936,9 +1938,9 @@ def stopped_cleanly(trainer, schedule):
             yield
     except KeyboardInterrupt:
         latest = latest_checkpoint(checkpoints)
-        raise Interrupted(f"stopped at once by a second Ctrl-C at step {trainer.state.global_step}: the last whole "
-                          f"checkpoint is {latest or 'none yet'}; continue with the same command and --resume"
-                          if latest else "stopped at once by a second Ctrl-C, before the first checkpoint",
+        said = (f"the last whole checkpoint is {latest}; continue with the same command and --resume" if latest else
+                "no checkpoint was written yet")
+        raise Interrupted(f"stopped at once by a second Ctrl-C at step {trainer.state.global_step}: {said}",
                           signal.SIGINT) from None
     except Exception as e:
         half = remove_half_written(checkpoints) if trainer.args.should_save else []
@@ -2124,13 +2126,14 @@ def plot(metrics: dict, task: Task, images_dir: str) -> list[str]:
     picks the best epoch, per epoch; and where the trained model errs: confusion_matrix.png (classification),
     label_f1.png (multi-label: each label's F1 before and after), predicted_vs_true.png (regression)."""
     os.makedirs(images_dir, exist_ok=True)
+    figures = {"bar_chart.png": bar_chart(metrics, task), "line_chart.png": line_chart(metrics, task)}
     after = metrics["after"]
-    errs = {"classification": ("confusion_matrix.png", lambda: confusion_chart(after["confusion_matrix"],
-                                                                               task.label_names)),
-            "multi-label": ("label_f1.png", lambda: label_f1_chart(metrics["before"]["per_label"], after["per_label"])),
-            "regression": ("predicted_vs_true.png", lambda: predicted_chart(after["by_true_value"]))}[task.kind]
-    figures = {"bar_chart.png": bar_chart(metrics, task), "line_chart.png": line_chart(metrics, task),
-               errs[0]: errs[1]()}
+    if task.kind == "classification":
+        figures["confusion_matrix.png"] = confusion_chart(after["confusion_matrix"], task.label_names)
+    elif task.kind == "multi-label":
+        figures["label_f1.png"] = label_f1_chart(metrics["before"]["per_label"], after["per_label"])
+    else:
+        figures["predicted_vs_true.png"] = predicted_chart(after["by_true_value"])
     paths = []
     for name, figure in figures.items():
         paths.append(os.path.join(images_dir, name))
