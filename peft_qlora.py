@@ -15,6 +15,7 @@ one label per text, several labels per text, a number per text, or pairs of text
     python peft_qlora.py --text-column premise hypothesis ...      # pairs of texts
     python peft_qlora.py ... --resume                       # continue a run stopped by SIGTERM, Ctrl-C or a crash
     torchrun --nproc_per_node 2 peft_qlora.py ...           # several GPUs (or: accelerate launch peft_qlora.py)
+    accelerate launch --config_file fsdp.yaml peft_qlora.py ...    # a model sharded across GPUs (FSDP)
     python peft_qlora.py predict "A wonderful film." "Two hours I will never get back."
     python peft_qlora.py predict --file reviews.csv --output predictions.csv   # a whole file
     python peft_qlora.py export --merged outputs/merged     # a plain transformers model, LoRA merged
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import copy
 import functools
 import itertools
 import json
@@ -388,6 +390,7 @@ class Runtime:
     # Lengths rounded up to a multiple of 64 on a GPU: few distinct shapes, so the work of each new shape (cuBLAS's
     # and the attention kernels' choices) is done for 8 shapes up to 512 tokens, not hundreds. None on the CPU.
     pad_multiple: int | None = None
+    fsdp: bool = False  # the processes shard the model between them (accelerate launch with FSDP_CONFIG), not copy it
 
     @property
     def is_main(self) -> bool:
@@ -404,22 +407,39 @@ class Runtime:
         return -(-length // self.pad_multiple) * self.pad_multiple if self.pad_multiple else length
 
 
+FSDP_CONFIG = "fsdp.yaml"  # beside this script: accelerate launch --config_file fsdp.yaml peft_qlora.py ...
+
+
 def decide_runtime(requested_precision: str) -> Runtime:
-    """This process's device, rank and precision. Under torchrun or accelerate launch, accelerate's PartialState
-    joins the process group (NCCL on GPUs, gloo on CPUs) and gives each process its own GPU."""
+    """This process's device, rank and precision, and whether FSDP shards the model. Under torchrun or accelerate
+    launch, accelerate's PartialState joins the process group (NCCL on GPUs, gloo on CPUs) and gives each process
+    its own GPU."""
     import torch
     from accelerate import PartialState
 
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":  # set by accelerate launch's FSDP config
-        raise UserError("FSDP does not train here yet: on an H200 the 4-bit model was sharded and evaluated, but its "
-                        "first optimizer step failed (README: Several GPUs). Launch with torchrun or accelerate "
-                        "launch --multi_gpu instead: each GPU then holds its own 4-bit copy")
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"  # set by accelerate launch's FSDP config
+    if fsdp:
+        check_fsdp(torch.cuda.is_available())
     state = PartialState(cpu=not torch.cuda.is_available())
     device = state.device
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return Runtime(device, choose_precision(requested_precision, device), state.process_index, state.num_processes,
-                   pad_multiple=64 if device.type == "cuda" else None)
+                   pad_multiple=64 if device.type == "cuda" else None, fsdp=fsdp)
+
+
+def check_fsdp(cuda: bool) -> None:
+    """What FSDP needs here, as accelerate launch's environment says, each refusal in one line."""
+    if os.environ.get("FSDP_VERSION", "1") != "1":
+        raise UserError(f"fsdp_version {os.environ['FSDP_VERSION']} is not supported here: use fsdp_version 1, as "
+                        f"{FSDP_CONFIG} does")
+    if os.environ.get("FSDP_USE_ORIG_PARAMS", "false").lower() == "true":
+        raise UserError(f"fsdp_use_orig_params true is not supported here: set it to false, as {FSDP_CONFIG} does "
+                        "(each wrapped layer then holds one flat tensor of one dtype)")
+    if not cuda:
+        raise UserError("FSDP shards the model across CUDA GPUs and none is visible: on the CPU, launch without "
+                        f"--config_file {FSDP_CONFIG} (torchrun or accelerate launch --multi_gpu copy the model "
+                        "instead)")
 
 
 def choose_precision(requested: str, device) -> str:
@@ -1035,6 +1055,9 @@ def quiet_transformers():
     try:
         with warnings.catch_warnings(), quiet_hub():
             warnings.simplefilter("ignore", FutureWarning)
+            # accelerate's notice, per wrapped layer, of the fp32 copies it keeps under FSDP (log_fsdp_dtypes says it)
+            warnings.filterwarnings("ignore", message="Upcasted low precision parameters")
+            warnings.filterwarnings("ignore", message="FSDP upcast of low precision parameters")
             yield
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -1083,12 +1106,15 @@ def quantized_load_kwargs(task: Task, runtime: Runtime) -> dict:
         bnb_4bit_use_double_quant=True,  # quantize the quantization constants too: ~0.4 bits/param less
         bnb_4bit_compute_dtype=runtime.dtype,  # the default is fp32: slow on a GPU
         llm_int8_skip_modules=list(UNQUANTIZED_MODULES),  # replaces transformers' own list, so name the head
+        # FSDP shards only float tensors, and flattens each wrapped layer into one tensor of one dtype: the packed
+        # 4-bit weights are stored in the compute dtype instead of uint8 (the same bytes, read as floats)
+        **({"bnb_4bit_quant_storage": runtime.dtype} if runtime.fsdp else {}),
     )
     return dict(**head_config(task), quantization_config=quantization,
                 # What stays unquantized (embeddings, norms) is frozen: the compute dtype is enough, half of fp32
                 # (Llama 3's 128,256-token embedding: 1.05 GB instead of 2.1)
                 dtype=runtime.dtype,
-                device_map={"": runtime.device})  # each process its own copy, on its own GPU
+                device_map={"": runtime.device})  # each process its own copy, on its own GPU (FSDP then shards it)
 
 
 def head_config(task: Task) -> dict:
@@ -1119,9 +1145,11 @@ def load_base_model(source: str, task: Task, runtime: Runtime):
     if missing:
         log.warning("%s lacks %d weights, which start random: %s", source, len(missing), ", ".join(missing[:10]))
     # What trains stays fp32: fp16 mixed precision (a T4) can only unscale fp32 gradients, and small updates to
-    # 16-bit weights would round away
-    for head in trainable_heads(model).values():
-        head.float()
+    # 16-bit weights would round away. Under FSDP it stays in the compute dtype like everything in its wrapped layer,
+    # and accelerate keeps fp32 copies of the sharded trainable weights, which the optimizer updates.
+    if not runtime.fsdp:
+        for head in trainable_heads(model).values():
+            head.float()
     return model
 
 
@@ -1213,9 +1241,12 @@ def build_model(cfg: Config, tokenizer, task: Task, runtime: Runtime):
                       target_modules="all-linear" if list(targets) == ["all-linear"] else list(targets),
                       modules_to_save=list(heads))  # a copy: peft appends its own guesses to the list
     try:
-        model = get_peft_model(model, lora)
+        # peft makes the LoRA weights fp32; under FSDP they stay in the compute dtype (load_base_model says why)
+        model = get_peft_model(model, lora, autocast_adapter_dtype=not runtime.fsdp)
     except ValueError as e:
         raise UserError(f"--lora-targets {' '.join(targets)}: {e}") from e
+    if runtime.fsdp:
+        log_fsdp_dtypes(model, runtime, heads)
 
     trainable, total = model.get_nb_trainable_parameters()
     targeted = {name.rsplit(".", 1)[-1] for name in model.peft_config["default"].target_modules}
@@ -1229,6 +1260,17 @@ def build_model(cfg: Config, tokenizer, task: Task, runtime: Runtime):
     log.info("Model memory: %.1f MB in 4-bit vs %.1f MB in fp32 (%.0f%% smaller)", info["memory_4bit_bytes"] / 1e6,
              info["memory_fp32_bytes"] / 1e6, 100 * (1 - info["memory_4bit_bytes"] / info["memory_fp32_bytes"]))
     return model, info
+
+
+def log_fsdp_dtypes(model, runtime: Runtime, heads: list[str]) -> None:
+    """Under FSDP every weight is in the compute dtype, the packed 4-bit ones included, so each wrapped layer
+    flattens into one tensor; says so in one line, or raises if a weight is not."""
+    other = sorted({f"{name} ({p.dtype})" for name, p in model.named_parameters() if p.dtype != runtime.dtype})
+    if other:
+        raise RuntimeError(f"FSDP needs every weight in {runtime.dtype}; these are not: {', '.join(other[:5])}")
+    log.info("FSDP: every weight in %s (the 4-bit ones stored as %s), one dtype per wrapped layer; what trains "
+             "(LoRA, %s) is updated in fp32 copies that accelerate keeps, and computes in %s",
+             runtime.precision, runtime.precision, ", ".join(heads), runtime.precision)
 
 
 def compile_layers(model) -> int:
@@ -1548,6 +1590,10 @@ def make_trainer(model, tokenizer, train_ds, eval_ds, cfg: Config, runtime: Runt
         learning_rate=cfg.learning_rate,
         warmup_steps=0.1,  # a fraction of all steps: the new head starts random
         weight_decay=0.01,
+        # fp16 under FSDP: torch's fused AdamW (transformers' default) fails on the inf flag that FSDP's gradient
+        # scaler hands it ("output with shape [] doesn't match the broadcast shape [1]", on an H200); the unfused
+        # one takes it, at no cost worth a note for the few weights LoRA trains
+        **({"optim": "adamw_torch"} if runtime.fsdp and runtime.precision == "fp16" else {}),
         bf16=runtime.precision == "bf16",
         fp16=runtime.precision == "fp16",
         use_cpu=runtime.device.type == "cpu",
@@ -1569,6 +1615,9 @@ def make_trainer(model, tokenizer, train_ds, eval_ds, cfg: Config, runtime: Runt
         logging_nan_inf_filter=False,
         disable_tqdm=False,  # the default follows transformers' verbosity, which quiet_transformers lowers
         label_names=["labels"],  # a peft model hides its forward signature, so say where the labels are
+        # The tokenised datasets hold only the model's inputs. Under FSDP the Trainer would read them from the
+        # wrapper's forward(*args, **kwargs) (shard() hands it the wrapped model) and drop every one
+        remove_unused_columns=not runtime.fsdp,
         dataloader_num_workers=2 if runtime.device.type == "cuda" else 0,  # pad the next batches while the GPU works
         seed=cfg.seed,
         report_to=cfg.report_to if cfg.report_to in ("wandb", "mlflow") else "none",  # tensorboard: below
@@ -1590,7 +1639,22 @@ def make_trainer(model, tokenizer, train_ds, eval_ds, cfg: Config, runtime: Runt
                             compute_loss_func=task_loss(task, model, class_weights))
     trainer.remove_callback(ProgressCallback)  # for one that prints less
     trainer.add_callback(epoch_progress(task))
+    if runtime.fsdp:
+        shard(trainer, model)
     return trainer
+
+
+def shard(trainer, model) -> None:
+    """FSDP: wraps the model before its first evaluation, as the Trainer would when it first trains (peft's policy:
+    a unit per transformer layer and one per trainable leaf, as a unit mixing trained and frozen weights cannot be
+    flattened; computing in the dtype the 4-bit weights are stored in), and gives the Trainer the wrapped model.
+    Left to the evaluation, the wrapping used the plain policy, and transformers then trained the unwrapped model
+    with an optimizer over weights FSDP had replaced (benchmarks/NOTES.md, issue 19)."""
+    from transformers.distributed.fsdp import update_fsdp_plugin_peft
+
+    update_fsdp_plugin_peft(model, trainer.accelerator)
+    # accelerate keeps what trains as fp32 copies, which the optimizer updates (warnings quieted by quiet_transformers)
+    trainer.model = trainer.model_wrapped = trainer.accelerator.prepare_model(model)
 
 
 def epoch_progress(task: Task):
@@ -1976,6 +2040,7 @@ def choose_step_path(cfg: Config, runtime: Runtime, plan: BatchPlan) -> bool:
     once (benchmarks/NOTES.md)."""
     reason = ("--cuda-graphs off" if cfg.cuda_graphs == "off" else
               "no CUDA GPU" if runtime.device.type != "cuda" else
+              "FSDP" if runtime.fsdp else
               "several processes, whose gradients are averaged during the backward pass" if runtime.num_processes > 1
               else "gradient checkpointing" if plan.gradient_checkpointing else
               "--compile" if cfg.compile else None)
@@ -2093,9 +2158,44 @@ def graphed_trainer():
 # Saving and charts
 
 
-def save(model, tokenizer, metrics: dict, serving: dict, model_dir: str) -> None:
+def trained_weights(wrapped) -> dict:
+    """FSDP: the trained weights (LoRA, the head) gathered whole from the processes' shards, one wrapped unit at a
+    time, named as in the unwrapped model. The frozen 4-bit base, which is not saved, is not gathered: for a model
+    larger than one GPU it would not fit there, nor in one process's memory."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    weights = {}
+    for path, unit in wrapped.named_modules():
+        # a unit's own weights are one flat tensor on the module it wraps, trained or frozen as a whole
+        if not isinstance(unit, FSDP) or not any(p.requires_grad for p in unit.module.parameters(recurse=False)):
+            continue
+        prefix = path.replace("_fsdp_wrapped_module.", "")  # the name the unit's module has without the wrappers
+        with FSDP.summon_full_params(unit, recurse=False, writeback=False):
+            for name, weight in unit.named_parameters():
+                weights[f"{prefix}.{name}" if prefix else name] = weight.detach().cpu().clone()
+    return weights
+
+
+def weightless_copy(model):
+    """The model's structure without weights (on the meta device), by which peft names the trained weights for the
+    adapter under FSDP: peft 0.21 names them by the modules' paths, which FSDP's wrappers lengthen, and leaves out
+    the LoRA weights of a wrapped layer (benchmarks/NOTES.md, issue 19)."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    config = model.peft_config["default"]
+    with torch.device("meta"):
+        base = AutoModelForSequenceClassification.from_config(model.get_base_model().config)
+    structure = get_peft_model(base, copy.deepcopy(config))  # which appends its guesses of the head to the copy's
+    structure.peft_config["default"] = config  # saved as the model's own
+    return structure
+
+
+def save(model, tokenizer, metrics: dict, serving: dict, model_dir: str, state_dict: dict | None = None) -> None:
     """Writes to a temporary folder beside model_dir, then renames it into place: a crash never leaves a
-    half-written model where predict() would load it, and an older model is replaced only by a whole one."""
+    half-written model where predict() would load it, and an older model is replaced only by a whole one.
+    state_dict: the model's weights gathered from the processes that shard it (FSDP)."""
     parent = os.path.dirname(os.path.abspath(model_dir))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".model-", dir=parent)
@@ -2103,7 +2203,8 @@ def save(model, tokenizer, metrics: dict, serving: dict, model_dir: str) -> None
     os.umask(umask)
     os.chmod(staging, 0o777 & ~umask)  # mkdtemp's folder is private (0700); a model folder is not
     try:
-        model.save_pretrained(staging)  # the LoRA adapter and the trained head, not the 4-bit base
+        # the LoRA adapter and the trained head, not the 4-bit base
+        model.save_pretrained(staging, **({"state_dict": state_dict} if state_dict is not None else {}))
         tokenizer.save_pretrained(staging)
         for name, content in (("metrics.json", metrics), (SERVING_FILE, serving)):
             with open(os.path.join(staging, name), "w") as f:
@@ -2390,7 +2491,7 @@ def load_trained(model_dir: str, dequantized: bool = False):
 
     settings = read_serving_settings(model_dir)
     task = serving_task(settings)
-    runtime = decide_runtime("auto")
+    runtime = replace(decide_runtime("auto"), fsdp=False)  # served whole, in one process
     base = load_base_model(PeftConfig.from_pretrained(model_dir).base_model_name_or_path, task, runtime)
     if dequantized:
         base.dequantize(dtype=torch.float32)  # exact: fp32 holds every NF4 value
@@ -2769,10 +2870,13 @@ def run(cfg: Config) -> dict:
                        training=run_info, batches=plan._asdict(), precision=runtime.precision,
                        processes=runtime.num_processes, device=device_name(runtime), config=asdict(cfg),
                        versions=versions())
+        state_dict = None
+        if runtime.fsdp:  # every process holds a shard of each weight: all take part in gathering the trained ones
+            state_dict, model = trained_weights(trainer.model_wrapped), weightless_copy(model)
         if not runtime.is_main:  # the main process saves and draws for all
             return metrics
         # Before the charts, so a plotting failure cannot lose it
-        save(model, tokenizer, metrics, serving_settings(cfg, task, plan, runtime), cfg.model_dir)
+        save(model, tokenizer, metrics, serving_settings(cfg, task, plan, runtime), cfg.model_dir, state_dict)
         shutil.rmtree(checkpoints)  # the saved model supersedes them
     try:
         plot(metrics, task, cfg.images_dir)
