@@ -1631,7 +1631,7 @@ def make_trainer(model, tokenizer, train_ds, eval_ds, cfg: Config, runtime: Runt
         from transformers.integrations import TensorBoardCallback
 
         callbacks.append(TensorBoardCallback(SummaryWriter(os.path.join(cfg.output_dir, "logs"))))
-    trainer_class = graphed_trainer() if graphs else Trainer
+    trainer_class = graphed_trainer() if graphs else sharded_trainer() if runtime.fsdp else Trainer
     trainer = trainer_class(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                             data_collator=functools.partial(collate, pad=collator),
                             processing_class=tokenizer, compute_metrics=functools.partial(compute_metrics, task=task),
@@ -2155,25 +2155,91 @@ def graphed_trainer():
 
 
 # ----------------------------------------------------------------------------------------------
-# Saving and charts
+# FSDP: the model sharded across processes (accelerate launch --config_file fsdp.yaml)
+
+TRAINED_WEIGHTS = "trained_weights.safetensors"  # in each checkpoint under FSDP: what trains, gathered
+
+
+def sharded_trainer():
+    """The Trainer under FSDP, which writes into each checkpoint the trained weights (LoRA and the head, gathered)
+    and each process's part of the optimizer's state, and reads them back where it resumes from one (the weights
+    also where it loads the best epoch's). Its own FSDP checkpoints hold the head but, under peft 0.21, no LoRA
+    weight, and it resumed with no optimizer state at all (benchmarks/NOTES.md)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import Trainer, TrainerCallback
+
+    class ReadBack(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            if state.global_step:  # resumed from that step's checkpoint, which the Trainer has read
+                checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+                load_trained_weights(model, checkpoint)
+                optimizer = kwargs["optimizer"]
+                optimizer.load_state_dict(torch.load(optimizer_part(checkpoint, args.process_index),
+                                                     weights_only=True))
+
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            if args.load_best_model_at_end and state.best_model_checkpoint:  # after the Trainer loaded its part
+                load_trained_weights(model, state.best_model_checkpoint)
+
+    class ShardedTrainer(Trainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.add_callback(ReadBack)
+
+        def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+            super().save_model(output_dir, _internal_call)
+            weights = trained_weights(self.model_wrapped)  # every process takes part
+            # Before the checkpoint's trainer_state.json, which marks it whole; FSDP's own parts come after
+            output_dir = output_dir or self.args.output_dir
+            os.makedirs(output_dir, exist_ok=True)
+            if self.args.should_save:
+                save_file(weights, os.path.join(output_dir, TRAINED_WEIGHTS))
+            torch.save(self.optimizer.state_dict(), optimizer_part(output_dir, self.args.process_index))
+
+    return ShardedTrainer
+
+
+def optimizer_part(checkpoint: str, rank: int) -> str:
+    """Where a process keeps its part of the optimizer's state (that of its shards) in a checkpoint under FSDP."""
+    return os.path.join(checkpoint, f"optimizer_shard_{rank}.pt")
+
+
+def trained_units(wrapped):
+    """The wrapped units holding trained weights, each with the name its module has in the unwrapped model. A
+    unit's own weights are one flat tensor on the module it wraps, trained or frozen as a whole."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    for path, unit in wrapped.named_modules():
+        if isinstance(unit, FSDP) and any(p.requires_grad for p in unit.module.parameters(recurse=False)):
+            yield path.replace("_fsdp_wrapped_module.", ""), unit
 
 
 def trained_weights(wrapped) -> dict:
-    """FSDP: the trained weights (LoRA, the head) gathered whole from the processes' shards, one wrapped unit at a
-    time, named as in the unwrapped model. The frozen 4-bit base, which is not saved, is not gathered: for a model
-    larger than one GPU it would not fit there, nor in one process's memory."""
+    """The trained weights (LoRA, the head) gathered whole from the processes' shards, one unit at a time, named
+    as in the unwrapped model. The frozen 4-bit base, which is not saved, is not gathered: for a model larger than
+    one GPU it would not fit there, nor in one process's memory."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     weights = {}
-    for path, unit in wrapped.named_modules():
-        # a unit's own weights are one flat tensor on the module it wraps, trained or frozen as a whole
-        if not isinstance(unit, FSDP) or not any(p.requires_grad for p in unit.module.parameters(recurse=False)):
-            continue
-        prefix = path.replace("_fsdp_wrapped_module.", "")  # the name the unit's module has without the wrappers
+    for prefix, unit in trained_units(wrapped):
         with FSDP.summon_full_params(unit, recurse=False, writeback=False):
-            for name, weight in unit.named_parameters():
-                weights[f"{prefix}.{name}" if prefix else name] = weight.detach().cpu().clone()
+            weights.update({f"{prefix}.{name}": weight.detach().cpu().clone()
+                            for name, weight in unit.named_parameters()})
     return weights
+
+
+def load_trained_weights(wrapped, checkpoint: str) -> None:
+    """The trained weights a checkpoint holds (TRAINED_WEIGHTS), each copied whole into its unit, which keeps this
+    process's shard of it."""
+    from safetensors.torch import load_file
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    saved = load_file(os.path.join(checkpoint, TRAINED_WEIGHTS))
+    for prefix, unit in trained_units(wrapped):
+        with FSDP.summon_full_params(unit, recurse=False, writeback=True):
+            for name, weight in unit.named_parameters():
+                weight.data.copy_(saved[f"{prefix}.{name}"])
 
 
 def weightless_copy(model):
@@ -2190,6 +2256,11 @@ def weightless_copy(model):
     structure = get_peft_model(base, copy.deepcopy(config))  # which appends its guesses of the head to the copy's
     structure.peft_config["default"] = config  # saved as the model's own
     return structure
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving and charts
 
 
 def save(model, tokenizer, metrics: dict, serving: dict, model_dir: str, state_dict: dict | None = None) -> None:
