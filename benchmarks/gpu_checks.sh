@@ -43,17 +43,18 @@ if [ "$mode" = resume ]; then
   stop_inside_epoch_2 plain_stopped python3 "$script" "${common[@]}"
 elif [ "$mode" = fsdp ]; then
   port=29500
-  for seed in ${SEEDS:-42}; do
+  for seed in ${SEEDS-42}; do
     python3 "$script" "${common[@]}" --seed $seed --output-dir "$out/plain_seed$seed" \
       --images-dir "$out/plain_seed$seed/images" > "$out/plain_seed$seed.log" 2>&1 &
-    "${fsdp[@]}" --main_process_port $((port++)) "$script" "${common[@]}" --seed $seed \
+    port=$((port + 1))  # each launch its own (an expansion inside a background command would not count up here)
+    "${fsdp[@]}" --main_process_port $port "$script" "${common[@]}" --seed $seed \
       --output-dir "$out/fsdp_seed$seed" --images-dir "$out/fsdp_seed$seed/images" > "$out/fsdp_seed$seed.log" 2>&1 &
   done
-  "${fsdp[@]}" --main_process_port $((port++)) "$script" "${common[@]}" --precision fp16 --epochs 1 \
+  "${fsdp[@]}" --main_process_port $((port + 1)) "$script" "${common[@]}" --precision fp16 --epochs 1 \
     --output-dir "$out/fsdp_fp16" --images-dir "$out/fsdp_fp16/images" > "$out/fsdp_fp16.log" 2>&1 &
-  stop_inside_epoch_2 fsdp_stopped "${fsdp[@]}" --main_process_port $((port++)) "$script" "${common[@]}" &
+  stop_inside_epoch_2 fsdp_stopped "${fsdp[@]}" --main_process_port $((port + 2)) "$script" "${common[@]}" &
   wait
-  for run in plain_seed42 fsdp_seed42 fsdp_fp16; do read_back $run & done
+  for run in plain_seed42 fsdp_seed42 fsdp_fp16; do [ -d "$out/$run/model" ] && read_back $run & done
 elif [ "$mode" = fsdp8b ]; then
   [ -f /tmp/llama8b/config.json ] || python3 "$here/llama8b.py" make /tmp/llama8b
   flags=(--train-file "$train" --eval-file "$test" --train-size 256 --eval-size 64 --epochs 1)
