@@ -1,5 +1,6 @@
-"""FSDP (accelerate launch --config_file fsdp.yaml): what a machine without GPUs can check. FSDP itself runs only on
-CUDA GPUs; its runs are in benchmarks/NOTES.md."""
+"""FSDP (accelerate launch --config_file fsdp.yaml): what a machine without GPUs can check. accelerate runs FSDP only
+on CUDA GPUs (its runs are in benchmarks/NOTES.md); here: the shipped config, the dtype plan, the refusals, and the
+script's own handling of a sharded model's trained weights under torch's FSDP on two CPU processes."""
 import os
 import subprocess
 import sys
@@ -99,3 +100,57 @@ def test_the_real_launcher_with_the_shipped_config_is_refused_on_the_cpu(tiny_be
                             env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and not (tmp_path / "run").exists()
     assert "error: FSDP shards the model across CUDA GPUs and none is visible" in result.stderr
+
+
+def shard_and_gather(rank, model_path, out):
+    """One of two CPU processes (gloo) that shard the real 4-bit model with torch's FSDP as the Trainer does
+    (peft's wrap policy: a unit per decoder layer and per trained leaf; FULL_SHARD), then gather, save and load its
+    trained weights with the script's functions. Rank 0 saves the unwrapped model's adapter first, for comparison."""
+    import torch
+    import torch.distributed as dist
+    from peft.utils.other import fsdp_auto_wrap_policy
+    from safetensors.torch import save_file
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29571")
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    cfg = peft_qlora.parse_args(["--model", model_path, "--max-length", "64"])
+    model, _ = peft_qlora.build_model(cfg, peft_qlora.check_model(cfg), classes(),
+                                      peft_qlora.Runtime(torch.device("cpu"), "bf16", rank, 2, fsdp=True))
+    trained = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    if rank == 0:
+        model.save_pretrained(os.path.join(out, "unwrapped"))
+    wrapped = FSDP(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), use_orig_params=False,
+                   device_id=torch.device("cpu"))
+    assert any("_fsdp_wrapped_module" in name for name, _ in model.named_modules()), "the layers are units"
+    weights = peft_qlora.trained_weights(wrapped)
+    assert weights.keys() == trained.keys() and all(torch.equal(weights[k], trained[k]) for k in trained)
+    if rank == 0:
+        peft_qlora.weightless_copy(model).save_pretrained(os.path.join(out, "sharded"), state_dict=weights)
+        os.makedirs(os.path.join(out, "checkpoint"))
+        save_file({name: weight + 1 for name, weight in weights.items()},
+                  os.path.join(out, "checkpoint", peft_qlora.TRAINED_WEIGHTS))
+    dist.barrier()
+    peft_qlora.load_trained_weights(wrapped, os.path.join(out, "checkpoint"))
+    again = peft_qlora.trained_weights(wrapped)
+    assert all(torch.equal(again[k], trained[k] + 1) for k in trained), "each shard took its part"
+    dist.destroy_process_group()
+
+
+def test_the_trained_weights_of_a_sharded_model_are_gathered_saved_and_loaded_whole(tiny_llama, tmp_path):
+    """What the FSDP runs save (trained_weights, named by weightless_copy) is the adapter peft saves for the same
+    model unwrapped: the LoRA weights included, which peft 0.21 leaves out when it names a sharded model's weights
+    itself; and a checkpoint's trained weights load back into every shard. Two real processes, torch's FSDP on
+    the CPU (accelerate runs FSDP only on GPUs; benchmarks/NOTES.md has the GPU runs)."""
+    import json
+
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    mp.spawn(shard_and_gather, args=(tiny_llama, str(tmp_path)), nprocs=2)
+    unwrapped, sharded = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("unwrapped", "sharded"))
+    assert any("lora_A" in key for key in sharded) and any("score" in key for key in sharded)
+    assert sharded.keys() == unwrapped.keys() and all(sharded[k].equal(unwrapped[k]) for k in unwrapped)
+    configs = [json.loads((tmp_path / name / "adapter_config.json").read_text()) for name in ("unwrapped", "sharded")]
+    assert configs[0] == configs[1]
