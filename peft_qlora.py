@@ -2258,7 +2258,6 @@ def weightless_copy(model):
     return structure
 
 
-
 # ----------------------------------------------------------------------------------------------
 # Saving and charts
 
@@ -2266,7 +2265,7 @@ def weightless_copy(model):
 def save(model, tokenizer, metrics: dict, serving: dict, model_dir: str, state_dict: dict | None = None) -> None:
     """Writes to a temporary folder beside model_dir, then renames it into place: a crash never leaves a
     half-written model where predict() would load it, and an older model is replaced only by a whole one.
-    state_dict: the model's weights gathered from the processes that shard it (FSDP)."""
+    state_dict: the trained weights, gathered from the processes that shard them (FSDP)."""
     parent = os.path.dirname(os.path.abspath(model_dir))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".model-", dir=parent)
