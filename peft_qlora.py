@@ -1336,7 +1336,8 @@ def check_output_dir(cfg: Config, runtime: Runtime) -> None:
     if cfg.resume:
         with open(os.path.join(checkpoints, "run_config.json")) as f:
             saved = json.load(f)
-        changed = {k for k, v in run_settings(cfg, runtime).items() if saved.get(k) != v}
+        settings = run_settings(cfg, runtime)
+        changed = {k for k in settings.keys() | saved.keys() if saved.get(k) != settings.get(k)}
         if changed:
             raise UserError("--resume continues a run with the same settings, but these differ from the "
                             f"interrupted run's: {', '.join(sorted(changed))}")
@@ -1388,6 +1389,8 @@ def run_settings(cfg: Config, runtime: Runtime) -> dict:
                 "gradient_checkpointing", "cuda_graphs", "save_steps", "save_minutes"):
         settings.pop(key)
     settings["processes"] = runtime.num_processes  # the texts an optimizer step sees
+    if runtime.fsdp:  # its checkpoints hold what trains in other files (sharded_trainer)
+        settings["fsdp"] = True
     return settings
 
 

@@ -106,6 +106,12 @@ def test_sigkill_right_after_a_checkpoint_inside_the_first_epoch_then_resume_end
     assert refused.returncode == 1 and "pass --resume to continue it" in refused.stderr
     changed = run_cli(*args, "--resume", "--learning-rate", "0.01")
     assert changed.returncode == 1 and "these differ from the interrupted run's: learning_rate" in changed.stderr
+    settings = out / "checkpoints" / "run_config.json"
+    saved = settings.read_text()
+    settings.write_text(json.dumps({**json.loads(saved), "fsdp": True}))  # as an FSDP run records itself
+    sharded = run_cli(*args, "--resume")
+    assert sharded.returncode == 1 and "these differ from the interrupted run's: fsdp" in sharded.stderr
+    settings.write_text(saved)
 
     resumed = run_cli(*args, "--resume")  # without --save-steps: how often it saves is not a setting to keep
     assert resumed.returncode == 0, resumed.stderr[-3000:]
