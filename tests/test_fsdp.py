@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import peft_qlora
-from conftest import ROOT, SCRIPT, classes, data_files, train_args  # noqa: F401  (data_files: a fixture)
+from conftest import ROOT, SCRIPT, classes, train_args
 
 CONFIG = os.path.join(ROOT, peft_qlora.FSDP_CONFIG)
 
