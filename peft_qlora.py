@@ -85,12 +85,16 @@ def _auto_int(text: str) -> int | None:
     return None if text == "auto" else _positive_int(text)
 
 
+def _float(text: str, expected: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+
+
 def _validation_size(text: str) -> int | float:
     """A number of texts (10) or a fraction of the training data (0.1)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of texts or a fraction, got {text!r}") from None
+    value = _float(text, "a number of texts or a fraction")
     if value.is_integer() and value >= 1:
         return int(value)
     if not 0 < value < 1:
@@ -99,40 +103,28 @@ def _validation_size(text: str) -> int | float:
 
 
 def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    value = _float(text, "a number")
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be above 0, got {value}")
     return value
 
 
 def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    value = _float(text, "a number")
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return value
 
 
 def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    value = _float(text, "a number in (0, 1)")
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1), got {value}")
     return value
 
 
 def _dropout(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    value = _float(text, "a number in [0, 1)")
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
     return value
@@ -2277,7 +2269,7 @@ def save(model, tokenizer, metrics: dict, serving: dict, model_dir: str, state_d
     os.chmod(staging, 0o777 & ~umask)  # mkdtemp's folder is private (0700); a model folder is not
     try:
         # the LoRA adapter and the trained head, not the 4-bit base
-        model.save_pretrained(staging, **({"state_dict": state_dict} if state_dict is not None else {}))
+        model.save_pretrained(staging, state_dict=state_dict)
         tokenizer.save_pretrained(staging)
         for name, content in (("metrics.json", metrics), (SERVING_FILE, serving)):
             with open(os.path.join(staging, name), "w") as f:
