@@ -244,7 +244,7 @@ def test_a_saved_model_is_replaced_only_on_request(tiny_bert, data_files, tmp_pa
 class FailingModel:
     """Stands in for a model whose save dies halfway (a full disk, a killed process)."""
 
-    def save_pretrained(self, folder):
+    def save_pretrained(self, folder, state_dict=None):  # as peft's: the weights to save, if not the model's own
         open(os.path.join(folder, "adapter_model.safetensors"), "wb").write(b"half")
         raise OSError("No space left on device")
 
