@@ -45,6 +45,7 @@ import random
 import shutil
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, NamedTuple
 
@@ -1106,7 +1107,9 @@ def quantized_load_kwargs(task: Task, runtime: Runtime) -> dict:
                 # What stays unquantized (embeddings, norms) is frozen: the compute dtype is enough, half of fp32
                 # (Llama 3's 128,256-token embedding: 1.05 GB instead of 2.1)
                 dtype=runtime.dtype,
-                device_map={"": runtime.device})  # each process its own copy, on its own GPU (FSDP then shards it)
+                # Under FSDP the CPU (bitsandbytes quantizes there): shard() moves one wrapped layer at a time to this
+                # process's GPU and keeps its shard of it, so no GPU ever holds the whole model. Else the GPU
+                device_map={"": "cpu" if runtime.fsdp else runtime.device})
 
 
 def head_config(task: Task) -> dict:
@@ -1142,6 +1145,8 @@ def load_base_model(source: str, task: Task, runtime: Runtime):
     if not runtime.fsdp:
         for head in trainable_heads(model).values():
             head.float()
+    else:  # where shard() puts it: accelerate refuses to train a 4-bit model that its map places elsewhere
+        model.hf_device_map = {"": runtime.device}
     return model
 
 
@@ -1211,7 +1216,9 @@ def build_model(cfg: Config, tokenizer, task: Task, runtime: Runtime):
     from peft import LoraConfig, TaskType, get_peft_model
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
 
+    started = time.perf_counter()
     model = load_base_model(cfg.model_source, task, runtime)
+    load_seconds = time.perf_counter() - started
     if task.kind == "regression":
         start_at_mean(model, task)
     model.config.pad_token_id = tokenizer.pad_token_id  # where a decoder's head finds each text's last token
@@ -1246,8 +1253,8 @@ def build_model(cfg: Config, tokenizer, task: Task, runtime: Runtime):
             "lora_targets": sorted(targeted), "trained_heads": heads,
             # get_memory_footprint counts parameters and buffers as they are stored (4-bit packed two per byte)
             "memory_4bit_bytes": model.get_memory_footprint(), "memory_fp32_bytes": 4 * total}
-    log.info("Model: %s, %d layers in 4-bit NF4, LoRA on %s, trained head: %s", cfg.model, quantized_layers,
-             ", ".join(info["lora_targets"]), ", ".join(heads))
+    log.info("Model: %s (loaded in %.0f s), %d layers in 4-bit NF4, LoRA on %s, trained head: %s", cfg.model,
+             load_seconds, quantized_layers, ", ".join(info["lora_targets"]), ", ".join(heads))
     log.info("Trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     log.info("Model memory: %.1f MB in 4-bit vs %.1f MB in fp32 (%.0f%% smaller)", info["memory_4bit_bytes"] / 1e6,
              info["memory_fp32_bytes"] / 1e6, 100 * (1 - info["memory_4bit_bytes"] / info["memory_fp32_bytes"]))
@@ -1558,11 +1565,11 @@ def predicted_labels(outputs, threshold: float):
 def make_trainer(model, tokenizer, train_ds, eval_ds, cfg: Config, runtime: Runtime, plan: BatchPlan,
                  checkpoints: str, task: Task, class_weights: list[float] | None = None,
                  evaluate_each_epoch: bool = True, save_checkpoints: bool = True, graphs: bool = False,
-                 schedule=None):
+                 schedule=None, wrapped=None):
     """The Trainer for this run. eval_ds is what each epoch is evaluated on: the validation texts when the run
     holds some out (the best epoch is then kept), else the test texts. graphs: the fast path (choose_step_path),
     each training step replayed as a CUDA graph. schedule: the checkpoints written inside epochs and the stop on a
-    signal (checkpoint_schedule)."""
+    signal (checkpoint_schedule). wrapped: the model sharded by shard() (FSDP)."""
     from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer, TrainingArguments
     from transformers.trainer_callback import ProgressCallback
 
@@ -1634,22 +1641,32 @@ def make_trainer(model, tokenizer, train_ds, eval_ds, cfg: Config, runtime: Runt
                             compute_loss_func=task_loss(task, model, class_weights))
     trainer.remove_callback(ProgressCallback)  # for one that prints less
     trainer.add_callback(epoch_progress(task))
-    if runtime.fsdp:
-        shard(trainer, model)
+    if wrapped is not None:  # FSDP: the Trainer was made with the unwrapped model, which it inspects, and trains this
+        trainer.model = trainer.model_wrapped = wrapped
     return trainer
 
 
-def shard(trainer, model) -> None:
-    """FSDP: wraps the model before its first evaluation, as the Trainer would when it first trains (peft's policy:
-    a unit per transformer layer and one per trainable leaf, as a unit mixing trained and frozen weights cannot be
-    flattened; computing in the dtype the 4-bit weights are stored in), and gives the Trainer the wrapped model.
-    Left to the evaluation, the wrapping used the plain policy, and transformers then trained the unwrapped model
-    with an optimizer over weights FSDP had replaced (benchmarks/NOTES.md, issue 19)."""
+def shard(model, runtime: Runtime):
+    """FSDP: the model wrapped in units, as the Trainer would wrap it when it first trains (peft's policy: a unit per
+    transformer layer and one per trainable leaf, as a unit mixing trained and frozen weights cannot be flattened;
+    computing in the dtype the 4-bit weights are stored in). Each unit moves from the CPU to this process's GPU as it
+    is wrapped, and only this process's shard of it stays there. Done before the batches are measured (on the wrapped
+    model) and before the first evaluation: left to that evaluation, the wrapping used the plain policy, and
+    transformers then trained the unwrapped model (benchmarks/NOTES.md, issue 19). Returns the wrapped model."""
+    import torch
+    from accelerate import Accelerator
     from transformers.distributed.fsdp import update_fsdp_plugin_peft
 
-    update_fsdp_plugin_peft(model, trainer.accelerator)
+    # The FSDP settings accelerate launch passed; the Trainer makes its own Accelerator later with the same ones
+    accelerator = Accelerator(mixed_precision="no" if runtime.precision == "fp32" else runtime.precision)
+    update_fsdp_plugin_peft(model, accelerator)
+    torch.cuda.reset_peak_memory_stats(runtime.device)
     # accelerate keeps what trains as fp32 copies, which the optimizer updates (warnings quieted by quiet_transformers)
-    trainer.model = trainer.model_wrapped = trainer.accelerator.prepare_model(model)
+    wrapped = accelerator.prepare_model(model)
+    log.info("FSDP: this process holds %.1f MB of the model on its GPU, %d of %d shards (%.1f MB at most while "
+             "sharding it)", torch.cuda.memory_allocated(runtime.device) / 1e6, 1, runtime.num_processes,
+             torch.cuda.max_memory_allocated(runtime.device) / 1e6)
+    return wrapped
 
 
 def epoch_progress(task: Task):
@@ -1900,7 +1917,6 @@ class StopSignal:
 
     def handle(self, number: int, frame) -> None:
         import signal
-        import time
 
         if self.received is None:
             self.received, self.at = number, time.monotonic()
@@ -1918,8 +1934,6 @@ def checkpoint_schedule(save_steps: int | None, save_minutes: float, runtime: Ru
     epoch's order from the global random state at the epoch's start, but restores the checkpoint's random state only
     after it has skipped the batches already trained. The state at each epoch's start is kept beside the
     checkpoints (a file per process), and a run resuming inside that epoch starts it from there."""
-    import time
-
     import torch
     from transformers import TrainerCallback
 
@@ -2908,7 +2922,8 @@ def run(cfg: Config) -> dict:
         check_output_dir(cfg, runtime)
         set_seed(cfg.seed)  # before the model: the new head and the LoRA matrices start from it
         model, model_info = build_model(cfg, tokenizer, task, runtime)
-        plan = choose_batches(cfg, model, runtime, task)
+        wrapped = shard(model, runtime) if runtime.fsdp else None
+        plan = choose_batches(cfg, model if wrapped is None else wrapped, runtime, task)
         graphs = choose_step_path(cfg, runtime, plan)
         if cfg.compile:
             compile_layers(model)
@@ -2919,7 +2934,7 @@ def run(cfg: Config) -> dict:
         checkpoints, resume_from = prepare_output_dir(cfg, runtime)
         schedule = checkpoint_schedule(cfg.save_steps, cfg.save_minutes, runtime)
         trainer = make_trainer(model, tokenizer, train_ds, validation_ds or test_ds, cfg, runtime, plan, checkpoints,
-                               task, class_weights=weights, graphs=graphs, schedule=schedule)
+                               task, class_weights=weights, graphs=graphs, schedule=schedule, wrapped=wrapped)
         with attention_kernels(runtime):
             before = evaluate(trainer, test_ds, task, "Before training")
             metrics = {"before": before}

@@ -6,8 +6,10 @@
 # fsdp (issue 19): the default run plain and under FSDP at one process (accelerate launch --config_file fsdp.yaml)
 #   for each seed of SEEDS (default 42), the saved models of seed 42 then read back by predict --file on all of TEST;
 #   FSDP with --precision fp16 (1 epoch); the FSDP run stopped inside epoch 2 and resumed, as in resume.
+#   PLAIN_FLAGS="--cuda-graphs off": the plain runs step eagerly, as FSDP's do (folders plain_eager_seed*).
 # fsdp8b (issue 19): the Llama-3-8B shape (benchmarks/llama8b.py, made in /tmp/llama8b; MODEL unused), plain and
-#   under FSDP at one process, each capped at a T4's 15 GiB.
+#   under FSDP at one process, each capped at a T4's 15 GiB; and capped at 3 GiB, less than its 4-bit weights: plain,
+#   and FSDP with its weights kept on the CPU between uses (--fsdp_offload_params true).
 set -uo pipefail
 model=$1 train=$2 test=$3 out=$4 mode=${5:-resume}
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -43,9 +45,10 @@ if [ "$mode" = resume ]; then
   stop_inside_epoch_2 plain_stopped python3 "$script" "${common[@]}"
 elif [ "$mode" = fsdp ]; then
   port=29500
+  plain=plain${PLAIN_FLAGS:+_eager}
   for seed in ${SEEDS-42}; do
-    python3 "$script" "${common[@]}" --seed $seed --output-dir "$out/plain_seed$seed" \
-      --images-dir "$out/plain_seed$seed/images" > "$out/plain_seed$seed.log" 2>&1 &
+    python3 "$script" "${common[@]}" ${PLAIN_FLAGS-} --seed $seed --output-dir "$out/${plain}_seed$seed" \
+      --images-dir "$out/${plain}_seed$seed/images" > "$out/${plain}_seed$seed.log" 2>&1 &
     port=$((port + 1))  # each launch its own (an expansion inside a background command would not count up here)
     "${fsdp[@]}" --main_process_port $port "$script" "${common[@]}" --seed $seed \
       --output-dir "$out/fsdp_seed$seed" --images-dir "$out/fsdp_seed$seed/images" > "$out/fsdp_seed$seed.log" 2>&1 &
@@ -54,17 +57,22 @@ elif [ "$mode" = fsdp ]; then
     --output-dir "$out/fsdp_fp16" --images-dir "$out/fsdp_fp16/images" > "$out/fsdp_fp16.log" 2>&1 &
   stop_inside_epoch_2 fsdp_stopped "${fsdp[@]}" --main_process_port $((port + 2)) "$script" "${common[@]}" &
   wait
-  for run in plain_seed42 fsdp_seed42 fsdp_fp16; do [ -d "$out/$run/model" ] && read_back $run & done
+  for run in ${plain}_seed42 fsdp_seed42 fsdp_fp16; do [ -d "$out/$run/model" ] && read_back $run & done
 elif [ "$mode" = fsdp8b ]; then
   [ -f /tmp/llama8b/config.json ] || python3 "$here/llama8b.py" make /tmp/llama8b
   flags=(--train-file "$train" --eval-file "$test" --train-size 256 --eval-size 64 --epochs 1)
   python3 "$here/llama8b.py" train /tmp/llama8b -- "${flags[@]}" --output-dir "$out/llama8b_plain" \
     --images-dir "$out/llama8b_plain/images" > "$out/llama8b_plain.log" 2>&1 &
-  "${fsdp[@]}" "$here/llama8b.py" train /tmp/llama8b -- "${flags[@]}" --output-dir "$out/llama8b_fsdp" \
-    --images-dir "$out/llama8b_fsdp/images" > "$out/llama8b_fsdp.log" 2>&1 &
+  "${fsdp[@]}" --main_process_port 29601 "$here/llama8b.py" train /tmp/llama8b -- "${flags[@]}" \
+    --output-dir "$out/llama8b_fsdp" --images-dir "$out/llama8b_fsdp/images" > "$out/llama8b_fsdp.log" 2>&1 &
+  python3 "$here/llama8b.py" train /tmp/llama8b --cap-gib 3 -- "${flags[@]}" --output-dir "$out/llama8b_plain_3gib" \
+    --images-dir "$out/llama8b_plain_3gib/images" > "$out/llama8b_plain_3gib.log" 2>&1 &
+  "${fsdp[@]}" --main_process_port 29602 --fsdp_offload_params true "$here/llama8b.py" train /tmp/llama8b --cap-gib 3 \
+    -- "${flags[@]}" --output-dir "$out/llama8b_fsdp_offload_3gib" --images-dir "$out/llama8b_fsdp_offload_3gib/images" \
+    > "$out/llama8b_fsdp_offload_3gib.log" 2>&1 &
 fi
 wait
 for log in "$out"/*.log; do
   echo "== $log"
-  tr '\r' '\n' < "$log" | grep -E "^(FSDP|Batches|Training steps|Before|Epoch|After|Trained|Resuming|stopped|error|Saved)|Error|\"peak"
+  tr '\r' '\n' < "$log" | grep -E "^(Model:|FSDP|Batches|Training steps|Before|Epoch|After|Trained|Resuming|stopped|error|Saved)|Error|\"peak"
 done

@@ -2,8 +2,8 @@
 
 The model has Llama-3-8B's shapes (hidden 4096, 32 layers, 32 heads, 8 key/value heads, intermediate 14336, its
 128,256-token vocabulary) and random weights: it costs the memory and time of the real one, and learns nothing.
-Each process's GPU memory is capped at a T4's 15 GiB with torch.cuda.set_per_process_memory_fraction, then
-peft_qlora.main runs with the flags given, choosing its batches as a T4 user's run would.
+Each process's GPU memory is capped at a T4's 15 GiB (or --cap-gib) with torch.cuda.set_per_process_memory_fraction,
+then peft_qlora.main runs with the flags given, choosing its batches as a T4 user's run would.
 
     python benchmarks/llama8b.py make /tmp/llama8b             # the random model, bf16 (15 GB on disk)
     python benchmarks/llama8b.py train /tmp/llama8b -- --train-file train.parquet --eval-file test.parquet \\
@@ -45,16 +45,16 @@ def make(folder):
     print(f"{folder}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters")
 
 
-def run(folder, flags):
+def run(folder, flags, cap_bytes=T4_BYTES):
     import torch
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     total = torch.cuda.get_device_properties(local_rank).total_memory
-    torch.cuda.set_per_process_memory_fraction(T4_BYTES / total, local_rank)
+    torch.cuda.set_per_process_memory_fraction(cap_bytes / total, local_rank)
     status = peft_qlora.main(["--model", folder, *flags])
     cfg = peft_qlora.parse_args(["--model", folder, *flags])
     if status == 0 and local_rank == 0:
-        report = {"cap_bytes": T4_BYTES, "peak_allocated_bytes": torch.cuda.max_memory_allocated(local_rank),
+        report = {"cap_bytes": cap_bytes, "peak_allocated_bytes": torch.cuda.max_memory_allocated(local_rank),
                   "peak_reserved_bytes": torch.cuda.max_memory_reserved(local_rank),
                   "command": " ".join(sys.argv), "device": torch.cuda.get_device_name(local_rank)}
         with open(os.path.join(cfg.output_dir, "llama8b.json"), "w") as f:
@@ -68,12 +68,14 @@ def main():
     parser.add_argument("command", choices=["make", "train"], help="make: write the random 8B-shaped model to "
                         "FOLDER; train: run peft_qlora.py on the model in FOLDER under the T4 cap")
     parser.add_argument("folder")
+    parser.add_argument("--cap-gib", type=float, default=T4_BYTES / 2**30, help="each process's GPU memory cap "
+                        "(default: a T4's 15 GiB)")
     parser.add_argument("flags", nargs="*", help="peft_qlora.py flags, after --")
     args = parser.parse_args()
     if args.command == "make":
         make(args.folder)
     else:
-        sys.exit(run(args.folder, args.flags))
+        sys.exit(run(args.folder, args.flags, int(args.cap_gib * 2**30)))
 
 
 if __name__ == "__main__":

@@ -59,6 +59,25 @@ def test_under_fsdp_every_weight_is_in_the_compute_dtype(arch, tiny_bert, tiny_l
             f"(LoRA, {heads}) is updated in fp32 copies that accelerate keeps, and computes in bf16") in caplog.text
 
 
+def test_under_fsdp_the_model_loads_onto_the_cpu_not_the_gpu(tiny_llama):
+    """No GPU ever holds the whole model under FSDP: it loads onto the CPU, where bitsandbytes quantizes it, and
+    shard() moves one wrapped layer at a time to each process's GPU, keeping its shard. Built here for a GPU run on a
+    machine without one: were anything loaded onto the GPU, this would fail. Its map names the GPU, as accelerate
+    requires of a 4-bit model it trains there."""
+    import bitsandbytes as bnb
+    import torch
+
+    cfg = peft_qlora.parse_args(["--model", tiny_llama, "--max-length", "64"])
+    gpu = torch.device("cuda", 0)
+    model, _ = peft_qlora.build_model(cfg, peft_qlora.check_model(cfg), classes(),
+                                      peft_qlora.Runtime(gpu, "bf16", fsdp=True))
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    four_bit = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert four_bit and all(m.weight.bnb_quantized and m.weight.quant_state.absmax.device.type == "cpu"
+                            for m in four_bit)
+    assert model.hf_device_map == {"": gpu}
+
+
 def test_the_fsdp_wrapping_puts_one_dtype_in_each_unit(tiny_llama):
     """The units FSDP would form (the Trainer's policy: a unit per transformer layer and per trainable leaf, peft's
     fsdp_auto_wrap_policy) each hold parameters of one dtype, and each trainable leaf is a unit of its own."""
