@@ -1133,8 +1133,9 @@ def load_base_model(source: str, task: Task, runtime: Runtime):
     """The base model in 4-bit NF4, with a head for this task that trains in fp32."""
     from transformers import AutoModelForSequenceClassification
 
-    model, loading = load_pretrained(AutoModelForSequenceClassification, source, output_loading_info=True,
-                                     **quantized_load_kwargs(task, runtime))
+    with loading_threads(runtime):
+        model, loading = load_pretrained(AutoModelForSequenceClassification, source, output_loading_info=True,
+                                         **quantized_load_kwargs(task, runtime))
     # transformers' own report (quieted) lists the new head as missing; only other missing weights are news
     missing = [key for key in loading["missing_keys"] if not set(key.split(".")) & set(HEAD_MODULES)]
     if missing:
@@ -1148,6 +1149,23 @@ def load_base_model(source: str, task: Task, runtime: Runtime):
     else:  # where shard() puts it: accelerate refuses to train a 4-bit model that its map places elsewhere
         model.hf_device_map = {"": runtime.device}
     return model
+
+
+@contextlib.contextmanager
+def loading_threads(runtime: Runtime):
+    """Under FSDP the model loads onto the CPU, where bitsandbytes quantizes it with torch's CPU threads, of which
+    accelerate launch and torchrun give each process one (OMP_NUM_THREADS=1): 298 s for the Llama-3-8B shape on an
+    H200's host. While it loads, each process on this machine takes its share of the cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if runtime.fsdp:
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", runtime.num_processes))
+        torch.set_num_threads(max(threads, len(os.sched_getaffinity(0)) // local_processes))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def output_layer(model, task: Task):

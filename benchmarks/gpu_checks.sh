@@ -65,9 +65,9 @@ elif [ "$mode" = fsdp8b ]; then
     --images-dir "$out/llama8b_plain/images" > "$out/llama8b_plain.log" 2>&1 &
   "${fsdp[@]}" --main_process_port 29601 "$here/llama8b.py" train /tmp/llama8b -- "${flags[@]}" \
     --output-dir "$out/llama8b_fsdp" --images-dir "$out/llama8b_fsdp/images" > "$out/llama8b_fsdp.log" 2>&1 &
-  python3 "$here/llama8b.py" train /tmp/llama8b --cap-gib 3 -- "${flags[@]}" --output-dir "$out/llama8b_plain_3gib" \
+  python3 "$here/llama8b.py" --cap-gib 3 train /tmp/llama8b -- "${flags[@]}" --output-dir "$out/llama8b_plain_3gib" \
     --images-dir "$out/llama8b_plain_3gib/images" > "$out/llama8b_plain_3gib.log" 2>&1 &
-  "${fsdp[@]}" --main_process_port 29602 --fsdp_offload_params true "$here/llama8b.py" train /tmp/llama8b --cap-gib 3 \
+  "${fsdp[@]}" --main_process_port 29602 --fsdp_offload_params true "$here/llama8b.py" --cap-gib 3 train /tmp/llama8b \
     -- "${flags[@]}" --output-dir "$out/llama8b_fsdp_offload_3gib" --images-dir "$out/llama8b_fsdp_offload_3gib/images" \
     > "$out/llama8b_fsdp_offload_3gib.log" 2>&1 &
 fi

@@ -9,6 +9,7 @@ then peft_qlora.main runs with the flags given, choosing its batches as a T4 use
     python benchmarks/llama8b.py train /tmp/llama8b -- --train-file train.parquet --eval-file test.parquet \\
         --train-size 256 --eval-size 64 --epochs 1 --output-dir /tmp/llama8b-run
     torchrun --nproc_per_node 2 benchmarks/llama8b.py train /tmp/llama8b -- ...    # each GPU capped the same
+    python benchmarks/llama8b.py --cap-gib 3 train /tmp/llama8b -- ...  # another cap (before the command)
 
 (Positional commands: torchrun's own parser takes a script flag such as --run for a prefix of its --run-path.)
 
