@@ -1661,6 +1661,12 @@ def make_trainer(model, tokenizer, train_ds, eval_ds, cfg: Config, runtime: Runt
     trainer.add_callback(epoch_progress(task))
     if wrapped is not None:  # FSDP: the Trainer was made with the unwrapped model, which it inspects, and trains this
         trainer.model = trainer.model_wrapped = wrapped
+    elif runtime.num_processes > 1:
+        # A copy in each process, whose gradients DDP averages. Wrapped here, before the first evaluation: that
+        # evaluation marks the model as prepared by accelerate (in evaluation mode, unwrapped), and the Trainer's own
+        # preparation for training then left it unwrapped, so each process trained its own copy on its share of the
+        # texts (transformers 5.17 with accelerate 1.15, and 5.24 with 1.16; benchmarks/NOTES.md)
+        trainer.model_wrapped = trainer.accelerator.prepare_model(model)
     return trainer
 
 
