@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+import peft_qlora
 from conftest import SCRIPT, run_cli, train_args
 
 
@@ -35,6 +36,41 @@ def test_two_processes_split_the_data_and_save_one_model_that_predicts(tiny_bert
     predicted = run_cli("predict", "--model-dir", out / "model", "A fine film.", "A dull one.")
     assert predicted.returncode == 0, predicted.stderr[-3000:]
     assert [row["text"] for row in json.loads(predicted.stdout)] == ["A fine film.", "A dull one."]
+
+
+def train_a_copy(rank, model, data_files, out):
+    """One of two CPU processes (gloo) taking run()'s steps up to the end of training, the evaluation before training
+    included; then checks that both hold the same trained weights."""
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29574", RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", HF_HUB_OFFLINE="1")
+    cfg = peft_qlora.parse_args(list(map(str, train_args(model, data_files, out, "--epochs", "1"))))
+    data = peft_qlora.load_data(cfg)
+    runtime = peft_qlora.decide_runtime(cfg.precision)
+    tokenizer = peft_qlora.check_model(cfg)
+    trained, _ = peft_qlora.build_model(cfg, tokenizer, data.task, runtime)
+    train_ds, test_ds = (peft_qlora.tokenize(split, tokenizer, cfg.max_length, cfg.truncation)
+                         for split in (data.train, data.test))
+    trainer = peft_qlora.make_trainer(trained, tokenizer, train_ds, test_ds, cfg, runtime,
+                                      peft_qlora.choose_batches(cfg, trained, runtime, data.task), str(out),
+                                      data.task, save_checkpoints=False)
+    peft_qlora.evaluate(trainer, test_ds, data.task, "Before training")
+    peft_qlora.train(trainer, None, runtime.device, len(data.train), data.task)
+    weights = torch.cat([p.detach().flatten() for p in trained.parameters() if p.requires_grad])
+    copies = [torch.empty_like(weights) for _ in range(2)]
+    dist.all_gather(copies, weights)
+    assert torch.equal(*copies), f"the processes' trained weights differ by up to {(copies[0] - copies[1]).abs().max()}"
+    dist.destroy_process_group()
+
+
+def test_two_processes_train_one_model_after_evaluating_it(tiny_bert, data_files, tmp_path):
+    """The gradients are averaged across the processes, so that each ends with the same weights: the evaluation
+    before training once left each process training its own copy (benchmarks/NOTES.md)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(train_a_copy, args=(tiny_bert, data_files, tmp_path / "run"), nprocs=2)
 
 
 def test_two_processes_stopped_by_sigterm_stop_at_one_step_and_resume_to_the_same_end(tiny_bert, tmp_path):
