@@ -10,6 +10,8 @@
 # fsdp8b (issue 19): the Llama-3-8B shape (benchmarks/llama8b.py, made in /tmp/llama8b; MODEL unused), plain and
 #   under FSDP at one process, each capped at a T4's 15 GiB; and capped at 3 GiB, less than its 4-bit weights: plain,
 #   and FSDP with its weights kept on the CPU between uses (--fsdp_offload_params true).
+# fsdpflags (issue 19): FSDP at one process and plain (eager) with each of --validation-size 400, --batching tokens
+#   and --compile.
 set -uo pipefail
 model=$1 train=$2 test=$3 out=$4 mode=${5:-resume}
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -58,6 +60,16 @@ elif [ "$mode" = fsdp ]; then
   stop_inside_epoch_2 fsdp_stopped "${fsdp[@]}" --main_process_port $((port + 2)) "$script" "${common[@]}" &
   wait
   for run in ${plain}_seed42 fsdp_seed42 fsdp_fp16; do [ -d "$out/$run/model" ] && read_back $run & done
+elif [ "$mode" = fsdpflags ]; then
+  port=29510
+  for flags in "--validation-size 400" "--batching tokens" "--compile"; do
+    name=$(echo "$flags" | tr -d '-' | tr ' ' '_')
+    python3 "$script" "${common[@]}" --cuda-graphs off $flags --output-dir "$out/plain_$name" \
+      --images-dir "$out/plain_$name/images" > "$out/plain_$name.log" 2>&1 &
+    port=$((port + 1))
+    "${fsdp[@]}" --main_process_port $port "$script" "${common[@]}" $flags --output-dir "$out/fsdp_$name" \
+      --images-dir "$out/fsdp_$name/images" > "$out/fsdp_$name.log" 2>&1 &
+  done
 elif [ "$mode" = fsdp8b ]; then
   [ -f /tmp/llama8b/config.json ] || python3 "$here/llama8b.py" make /tmp/llama8b
   flags=(--train-file "$train" --eval-file "$test" --train-size 256 --eval-size 64 --epochs 1)
@@ -74,5 +86,5 @@ fi
 wait
 for log in "$out"/*.log; do
   echo "== $log"
-  tr '\r' '\n' < "$log" | grep -E "^(Model:|FSDP|Batches|Training steps|Before|Epoch|After|Trained|Resuming|stopped|error|Saved)|Error|\"peak"
+  tr '\r' '\n' < "$log" | grep -E "^(Model:|FSDP|Batches|Training steps|Compiling|Before|Validation before|Epoch|Kept|After|Trained|Resuming|stopped|error|Saved)|Error|\"peak"
 done
