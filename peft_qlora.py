@@ -429,6 +429,10 @@ def check_fsdp(cuda: bool) -> None:
     if os.environ.get("FSDP_USE_ORIG_PARAMS", "false").lower() == "true":
         raise UserError(f"fsdp_use_orig_params true is not supported here: set it to false, as {FSDP_CONFIG} does "
                         "(each wrapped layer then holds one flat tensor of one dtype)")
+    if os.environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true":
+        raise UserError(f"fsdp_offload_params true is not supported here: set it to false, as {FSDP_CONFIG} does, and "
+                        "shard the model across more GPUs (with it, sharding a model larger than the GPU ran out of "
+                        "GPU memory: benchmarks/NOTES.md)")
     if not cuda:
         raise UserError("FSDP shards the model across CUDA GPUs and none is visible: on the CPU, launch without "
                         f"--config_file {FSDP_CONFIG} (torchrun or accelerate launch --multi_gpu copy the model "

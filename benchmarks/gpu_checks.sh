@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks of issues 18 and 19, on one GPU (benchmarks/NOTES.md):
-#   bash benchmarks/gpu_checks.sh MODEL TRAIN.parquet TEST.parquet OUT [resume|fsdp|fsdp8b]
+#   bash benchmarks/gpu_checks.sh MODEL TRAIN.parquet TEST.parquet OUT [resume|fsdp|fsdp8b|fsdpflags]
 # resume (issue 18): the default run (MiniLM, the defaults' 4,000 / 2,000 reviews, CUDA graphs) uninterrupted, and
 #   the same run stopped by SIGTERM inside epoch 2 and resumed with --resume.
 # fsdp (issue 19): the default run plain and under FSDP at one process (accelerate launch --config_file fsdp.yaml)
@@ -8,8 +8,7 @@
 #   FSDP with --precision fp16 (1 epoch); the FSDP run stopped inside epoch 2 and resumed, as in resume.
 #   PLAIN_FLAGS="--cuda-graphs off": the plain runs step eagerly, as FSDP's do (folders plain_eager_seed*).
 # fsdp8b (issue 19): the Llama-3-8B shape (benchmarks/llama8b.py, made in /tmp/llama8b; MODEL unused), plain and
-#   under FSDP at one process, each capped at a T4's 15 GiB; and capped at 3 GiB, less than its 4-bit weights: plain,
-#   and FSDP with its weights kept on the CPU between uses (--fsdp_offload_params true).
+#   under FSDP at one process, each capped at a T4's 15 GiB.
 # fsdpflags (issue 19): FSDP at one process and plain (eager) with each of --validation-size 400, --batching tokens
 #   and --compile.
 set -uo pipefail
@@ -77,11 +76,6 @@ elif [ "$mode" = fsdp8b ]; then
     --images-dir "$out/llama8b_plain/images" > "$out/llama8b_plain.log" 2>&1 &
   "${fsdp[@]}" --main_process_port 29601 "$here/llama8b.py" train /tmp/llama8b -- "${flags[@]}" \
     --output-dir "$out/llama8b_fsdp" --images-dir "$out/llama8b_fsdp/images" > "$out/llama8b_fsdp.log" 2>&1 &
-  python3 "$here/llama8b.py" --cap-gib 3 train /tmp/llama8b -- "${flags[@]}" --output-dir "$out/llama8b_plain_3gib" \
-    --images-dir "$out/llama8b_plain_3gib/images" > "$out/llama8b_plain_3gib.log" 2>&1 &
-  "${fsdp[@]}" --main_process_port 29602 --fsdp_offload_params true "$here/llama8b.py" --cap-gib 3 train /tmp/llama8b \
-    -- "${flags[@]}" --output-dir "$out/llama8b_fsdp_offload_3gib" --images-dir "$out/llama8b_fsdp_offload_3gib/images" \
-    > "$out/llama8b_fsdp_offload_3gib.log" 2>&1 &
 fi
 wait
 for log in "$out"/*.log; do

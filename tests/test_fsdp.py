@@ -100,6 +100,7 @@ def test_the_fsdp_wrapping_puts_one_dtype_in_each_unit(tiny_llama):
 @pytest.mark.parametrize("env, message", [
     ({"FSDP_VERSION": "2"}, "fsdp_version 2 is not supported here: use fsdp_version 1, as fsdp.yaml does"),
     ({"FSDP_USE_ORIG_PARAMS": "true"}, "fsdp_use_orig_params true is not supported here: set it to false"),
+    ({"FSDP_OFFLOAD_PARAMS": "true"}, "fsdp_offload_params true is not supported here: set it to false"),
     ({}, "FSDP shards the model across CUDA GPUs and none is visible: on the CPU, launch without --config_file "
          "fsdp.yaml"),
 ])
