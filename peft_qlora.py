@@ -1691,9 +1691,9 @@ def shard(model, runtime: Runtime):
     torch.cuda.reset_peak_memory_stats(runtime.device)
     # accelerate keeps what trains as fp32 copies, which the optimizer updates (warnings quieted by quiet_transformers)
     wrapped = accelerator.prepare_model(model)
-    log.info("FSDP: the model in %d shards; this process holds %.1f MB of it on its GPU (%.1f MB at most while "
-             "sharding it)", runtime.num_processes, torch.cuda.memory_allocated(runtime.device) / 1e6,
-             torch.cuda.max_memory_allocated(runtime.device) / 1e6)
+    log.info("FSDP: the model in %d shard%s; this process holds %.1f MB of it on its GPU (%.1f MB at most while "
+             "sharding it)", runtime.num_processes, "s" if runtime.num_processes > 1 else "",
+             torch.cuda.memory_allocated(runtime.device) / 1e6, torch.cuda.max_memory_allocated(runtime.device) / 1e6)
     return wrapped
 
 
