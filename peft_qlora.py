@@ -1640,7 +1640,7 @@ def make_trainer(model, tokenizer, train_ds, eval_ds, cfg: Config, runtime: Runt
         disable_tqdm=False,  # the default follows transformers' verbosity, which quiet_transformers lowers
         label_names=["labels"],  # a peft model hides its forward signature, so say where the labels are
         # The tokenised datasets hold only the model's inputs. Under FSDP the Trainer would read them from the
-        # wrapper's forward(*args, **kwargs) (shard() hands it the wrapped model) and drop every one
+        # wrapper's forward(*args, **kwargs) (it trains the wrapped model) and drop every one
         remove_unused_columns=not runtime.fsdp,
         dataloader_num_workers=2 if runtime.device.type == "cuda" else 0,  # pad the next batches while the GPU works
         seed=cfg.seed,
