@@ -1,6 +1,7 @@
 """FSDP (accelerate launch --config_file fsdp.yaml): what a machine without GPUs can check. accelerate runs FSDP only
-on CUDA GPUs (its runs are in benchmarks/NOTES.md); here: the shipped config, the dtype plan, the refusals, and the
-script's own handling of a sharded model's trained weights under torch's FSDP on two CPU processes."""
+on CUDA GPUs (its runs are in benchmarks/NOTES.md); here: the shipped config, the dtype plan, where the model loads,
+the refusals, and the script's own handling of a sharded model's trained weights under torch's FSDP on two CPU
+processes."""
 import os
 import subprocess
 import sys
