@@ -73,11 +73,11 @@ def _opt(default: Any, help: str, number: str | None = None, **argparse_kwargs: 
 # Each numeric setting's rule: (its type, whether a value keeps it, what the value must be). Config checks them all,
 # for the command line and for Python alike
 NUMBER_RULES = {
-    "count": (int, lambda v: v >= 1, "at least 1"),
-    "positive": (float, lambda v: v > 0, "above 0"),
-    "non-negative": (float, lambda v: v >= 0, "0 or more"),
-    "probability": (float, lambda v: 0 < v < 1, "in (0, 1)"),
-    "dropout": (float, lambda v: 0 <= v < 1, "in [0, 1)"),
+    "count": (int, lambda v: v >= 1, "a whole number, at least 1"),
+    "positive": (float, lambda v: v > 0, "a number above 0"),
+    "non-negative": (float, lambda v: v >= 0, "a number, 0 or more"),
+    "probability": (float, lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "dropout": (float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "count or fraction": (float, lambda v: (v >= 1 and float(v).is_integer()) or 0 < v < 1,
                           "a whole number of texts or a fraction in (0, 1)"),
 }
@@ -184,8 +184,8 @@ class Config:
             rule, value = f.metadata["number"], getattr(self, f.name)
             if rule and value is not None:
                 kind, keeps, must_be = NUMBER_RULES[rule]
-                if not isinstance(value, (int, float)) or isinstance(value, bool) or not keeps(value) or (
-                        kind is int and not isinstance(value, int)):
+                whole = isinstance(value, int) or (kind is float and isinstance(value, float))
+                if isinstance(value, bool) or not whole or not keeps(value):
                     raise UserError(f"--{f.name.replace('_', '-')} {value}: must be {must_be}")
         if isinstance(self.validation_size, float) and self.validation_size >= 1:
             self.validation_size = int(self.validation_size)  # 10.0 texts are 10 texts

@@ -11,7 +11,7 @@ On a bert-base-shaped model (random BertConfig() weights: the same FLOPs and byt
   qlora-compile, lora-compile   the same with peft_qlora.py --compile (each repeated layer compiled); the
           epoch includes the compilation, the fixed-shape rate does not (its warm-up does)
 
-Every mode but naive trains its steps the way peft_qlora.py would (peft_qlora.choose_step_path: CUDA graphs on
+Every mode but naive trains its steps the way peft_qlora.py would (peft_qlora.step_path: CUDA graphs on
 a single GPU, unless --cuda-graphs off). For each: a fixed shape (a plain loop of training steps on batches of
 512-token reviews): reviews/s, tokens/s, peak memory, the fraction of the FLOP bound (the card's bf16 matmul
 rate, measured in the same run), and a step's wall time against its GPU kernel time (torch.profiler over eager
@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import peft_qlora  # noqa: E402
 
-IMDB = peft_qlora.Task("classification", ["neg", "pos"])  # what every benchmark here trains: IMDb's two classes
+IMDB = peft_qlora.Classification(["neg", "pos"])  # what every benchmark here trains: IMDb's two classes
 
 MODES = ("qlora", "naive", "lora", "full", "qlora-compile", "lora-compile")
 
@@ -203,7 +203,7 @@ def fixed_shape(model, args, runtime, vocab_size, graphs):
         return step_graphs(forward_backward, tensors)
 
     kernel_ms, kernel_table = None, None
-    with peft_qlora.attention_kernels(runtime):  # the attention kernels training uses
+    with peft_qlora.attention_kernels(runtime.device):  # the attention kernels training uses
         start = time.perf_counter()
         for _ in range(3):
             step()
@@ -255,7 +255,7 @@ def evaluation_rate(trainer, tokenizer, texts, cfg, runtime):
 
     data = peft_qlora.tokenize(Dataset.from_dict({"text": texts, "labels": [i % 2 for i in range(len(texts))]}),
                                tokenizer, cfg.max_length, cfg.truncation, sort_by_length=True)
-    with peft_qlora.attention_kernels(runtime):
+    with peft_qlora.attention_kernels(runtime.device):
         trainer.predict(data.select(range(min(256, len(data)))))
         sync()
         start = time.perf_counter()
@@ -264,15 +264,14 @@ def evaluation_rate(trainer, tokenizer, texts, cfg, runtime):
     return len(texts) / (time.perf_counter() - start)
 
 
-def shell_predict_seconds(model, tokenizer, cfg, runtime, workdir):
-    """Wall time of `python peft_qlora.py predict TEXT TEXT` in a fresh process, with this model saved as a training
-    run saves it: what a user waits for in the shell."""
+def shell_predict_seconds(trainer, cfg, runtime, workdir):
+    """Wall time of `python peft_qlora.py predict TEXT TEXT` in a fresh process, with the trained model saved as a
+    training run saves it: what a user waits for in the shell."""
     import subprocess
 
     model_dir = os.path.join(workdir, "model")
-    plan = peft_qlora.BatchPlan(cfg.batch_size, 1, peft_qlora.DEFAULT_EVAL_BATCH, False)
-    peft_qlora.save(model, tokenizer, {"config": dataclasses.asdict(cfg)},
-                    peft_qlora.serving_settings(cfg, IMDB, plan, runtime), model_dir)
+    peft_qlora.save(trainer, {"label_names": IMDB.label_names, "task": IMDB.to_dict(), "config": dataclasses.asdict(cfg),
+                              "batches": trainer.plan._asdict(), "precision": runtime.precision}, model_dir)
     start = time.perf_counter()
     subprocess.run([sys.executable, os.path.join(os.path.dirname(HERE), "peft_qlora.py"), "predict", "--model-dir",
                     model_dir, "A wonderful film.", "Two hours I will never get back."], check=True,
@@ -292,16 +291,13 @@ def one_epoch(mode, model, tokenizer, texts, cfg, runtime, workdir, config):
         trainer = Trainer(model=model, train_dataset=data, args=TrainingArguments(
             output_dir=workdir, num_train_epochs=1, bf16=runtime.precision == "bf16", label_names=["labels"],
             save_strategy="no", report_to="none", disable_tqdm=True))
-    else:
+    else:  # the script's Trainer, which evaluates (8 reviews here) and writes a checkpoint at the epoch's end
         data = peft_qlora.tokenize(data, tokenizer, cfg.max_length, cfg.truncation)
-        plan = peft_qlora.BatchPlan(cfg.batch_size, 1, peft_qlora.DEFAULT_EVAL_BATCH, False)  # the batch asked for
-        trainer = peft_qlora.make_trainer(model, tokenizer, data, data.select(range(8)), cfg, runtime, plan, workdir,
-                                          IMDB, evaluate_each_epoch=False,
-                                          save_checkpoints=False,  # time training alone
-                                          graphs=peft_qlora.choose_step_path(cfg, runtime, plan))
+        trainer = peft_qlora.make_trainer(cfg, model, tokenizer, peft_qlora.Tokenized(data, None, data.select(range(8))),
+                                          IMDB, runtime)
     padding = padding_share(trainer)
     reset_memory()
-    with peft_qlora.attention_kernels(runtime):
+    with peft_qlora.attention_kernels(runtime.device):
         start = time.perf_counter()
         trainer.train()
         sync()
@@ -363,12 +359,11 @@ def compare_graphs(folder, cfg, runtime, texts, dropout):
                     module.p = 0.0
         data = peft_qlora.tokenize(Dataset.from_dict({"text": texts, "labels": [i % 2 for i in range(len(texts))]}),
                                    tokenizer, cfg.max_length, cfg.truncation)
-        plan = peft_qlora.BatchPlan(cfg.batch_size, 1, peft_qlora.DEFAULT_EVAL_BATCH, False)
-        trainer = peft_qlora.make_trainer(model, tokenizer, data, data.select(range(8)), cfg, runtime, plan,
-                                          tempfile.mkdtemp(prefix="bench-check-"), IMDB, evaluate_each_epoch=False,
-                                          save_checkpoints=False, graphs=graphs)
-        with peft_qlora.attention_kernels(runtime):
-            result = trainer.train()
+        run_cfg = dataclasses.replace(cfg, cuda_graphs="auto" if graphs else "off",
+                                      output_dir=tempfile.mkdtemp(prefix="bench-check-"))
+        trainer = peft_qlora.make_trainer(run_cfg, model, tokenizer,
+                                          peft_qlora.Tokenized(data, None, data.select(range(8))), IMDB, runtime)
+        result = trainer.train()
         graph_counts = getattr(trainer, "step_graphs", None)
         runs[name] = {"train_loss": result.training_loss,
                       "cuda_graphs": graph_counts and {**graph_counts.counts, "failure": graph_counts.failure},
@@ -424,9 +419,11 @@ def main():
     if args.pad_multiple:
         runtime = dataclasses.replace(runtime, pad_multiple=args.pad_multiple)
     workdir = tempfile.mkdtemp(prefix="bench-run-")
-    # One epoch: the timed epoch of every mode covers each review once
+    # One epoch: the timed epoch of every mode covers each review once, in batches of the size asked for
     cfg = peft_qlora.parse_args(["--model", folder, "--max-length", str(args.max_length), "--epochs", "1",
-                                 "--batch-size", str(args.batch_size), "--output-dir", workdir,
+                                 "--batch-size", str(args.batch_size), "--micro-batch-size", str(args.batch_size),
+                                 "--eval-batch-size", str(peft_qlora.DEFAULT_EVAL_BATCH),
+                                 "--gradient-checkpointing", "off", "--output-dir", workdir,
                                  "--cuda-graphs", args.cuda_graphs]
                                 + (["--batching", args.batching] if args.batching else []))
     peak = matmul_peak_tflops()
@@ -444,8 +441,8 @@ def main():
         model, tokenizer = build(mode, folder, mode_cfg, runtime)
         if compiled:
             peft_qlora.compile_layers(model)
-        graphs = mode != "naive" and peft_qlora.choose_step_path(
-            mode_cfg, runtime, peft_qlora.BatchPlan(args.batch_size, 1, peft_qlora.DEFAULT_EVAL_BATCH, False))
+        graphs = mode != "naive" and peft_qlora.step_path(
+            mode_cfg, runtime, peft_qlora.BatchPlan(args.batch_size, 1, peft_qlora.DEFAULT_EVAL_BATCH, False)) == "graphs"
         rate, memory, warmup, wall_ms, kernel_ms, kernel_table = fixed_shape(model, args, runtime, config.vocab_size,
                                                                              graphs)
         row = {"reviews_per_s": rate, "tokens_per_s": rate * args.max_length, "peak_memory_gib": memory / 2**30,
@@ -467,7 +464,7 @@ def main():
         if mode == "qlora":  # the trained model evaluated by the Trainer, from the shell, and served as predict()
             served = texts[:args.predict_reviews]
             row["evaluation_reviews_per_s"] = evaluation_rate(trainer, tokenizer, served, mode_cfg, runtime)
-            row["shell_predict_s"] = shell_predict_seconds(model, tokenizer, mode_cfg, runtime, workdir)
+            row["shell_predict_s"] = shell_predict_seconds(trainer, mode_cfg, runtime, workdir)
             classifier = peft_qlora.Classifier(peft_qlora.serving_model(model, runtime), tokenizer, IMDB,
                                                args.max_length, cfg.truncation, runtime, peft_qlora.DEFAULT_EVAL_BATCH)
             row["predict_reviews_per_s"], _ = predict_rate(classifier, served, peft_qlora.DEFAULT_EVAL_BATCH)

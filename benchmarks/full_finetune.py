@@ -15,6 +15,7 @@ Writes OUTPUT_DIR/metrics.json in peft_qlora's layout; it keeps no model.
 import json
 import logging
 import os
+import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -36,27 +37,19 @@ def main():
     task = data.task
     model = AutoModelForSequenceClassification.from_pretrained(
         cfg.model, **peft_qlora.head_config(task), dtype=torch.float32, device_map={"": runtime.device})
-    if task.kind == "regression":  # as peft_qlora.build_model: the head starts at the targets' mean
-        peft_qlora.start_at_mean(model, task)
+    task.start_head(model)  # as peft_qlora.build_model (regression: at the targets' mean)
     model.config.pad_token_id = tokenizer.pad_token_id
     params = sum(p.numel() for p in model.parameters())
-    plan = peft_qlora.choose_batches(cfg, model, runtime, task)
-    train_ds = peft_qlora.tokenize(data.train, tokenizer, cfg.max_length, cfg.truncation)
-    eval_ds = peft_qlora.tokenize(data.test, tokenizer, cfg.max_length, cfg.truncation, sort_by_length=True)
-    trainer = peft_qlora.make_trainer(model, tokenizer, train_ds, eval_ds, cfg, runtime, plan,
-                                      cfg.checkpoints_dir, task,
-                                      save_checkpoints=False)  # a comparison run: nothing to resume
-    before = peft_qlora.evaluate(trainer, eval_ds, task, "Before training")
-    history, run = peft_qlora.train(trainer, resume_from=None, device=runtime.device, texts=len(data.train),
-                                    task=task)
-    after = peft_qlora.evaluate(trainer, eval_ds, task, "After training")
-    metrics = {"method": "full fine-tuning", "before": before, "after": after, "history": history,
-               "label_names": task.label_names, "task": peft_qlora.asdict(task),
-               "model": {"trainable_params": params, "total_params": params, "memory_fp32_bytes": 4 * params},
-               "training": run, "batches": plan._asdict(), "precision": runtime.precision,
-               "processes": runtime.num_processes, "device": peft_qlora.device_name(runtime),
-               "config": peft_qlora.asdict(cfg), "versions": peft_qlora.versions()}
+    texts = peft_qlora.tokenize_splits(data, tokenizer, cfg)
+    trainer = peft_qlora.make_trainer(cfg, model, tokenizer, texts, task, runtime)
+    before = peft_qlora.evaluate(trainer, texts.test, task, "Before training")
+    history, run = peft_qlora.train(trainer, task, len(texts.train))
+    after = peft_qlora.evaluate(trainer, texts.test, task, "After training")
+    model_info = {"trainable_params": params, "total_params": params, "memory_fp32_bytes": 4 * params}
+    metrics = {"method": "full fine-tuning", "before": before, "after": after, "history": history, "training": run,
+               **peft_qlora.describe_run(cfg, task, model_info, trainer, runtime)}
     if runtime.is_main:
+        shutil.rmtree(cfg.checkpoints_dir)  # a comparison run: nothing to resume
         os.makedirs(cfg.output_dir, exist_ok=True)
         with open(os.path.join(cfg.output_dir, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2)

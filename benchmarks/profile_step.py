@@ -45,8 +45,8 @@ def main():
     from torch.profiler import ProfilerActivity, profile
 
     folder, _ = bench.make_model_folder(tiny=False)
-    cfg = peft_qlora.parse_args(["--model", folder, "--max-length", "512", "--epochs", "1",
-                                 "--output-dir", tempfile.mkdtemp()])
+    cfg = peft_qlora.parse_args(["--model", folder, "--max-length", "512", "--epochs", "1", "--micro-batch-size", "32",
+                                 "--gradient-checkpointing", "off", "--output-dir", tempfile.mkdtemp()])  # batch 32
     runtime = peft_qlora.decide_runtime("bf16")
     tokenizer = peft_qlora.check_model(cfg)
     model, _ = peft_qlora.build_model(cfg, tokenizer, bench.IMDB, runtime)
@@ -72,9 +72,8 @@ def main():
           flush=True)
 
     data = Dataset.from_dict({"input_ids": [list(range(1000, 1512))] * 1600, "labels": [0, 1] * 800})
-    plan = peft_qlora.BatchPlan(cfg.batch_size, 1, peft_qlora.DEFAULT_EVAL_BATCH, False)  # batch 32, as above
-    trainer = peft_qlora.make_trainer(model, tokenizer, data, data.select(range(8)), cfg, runtime, plan,
-                                      tempfile.mkdtemp(), bench.IMDB, evaluate_each_epoch=False, save_checkpoints=False)
+    trainer = peft_qlora.make_trainer(cfg, model, tokenizer, peft_qlora.Tokenized(data, None, data.select(range(8))),
+                                      bench.IMDB, runtime)
     torch.cuda.synchronize()
     start = time.perf_counter()
     trainer.train()

@@ -155,4 +155,4 @@ def classes(*names):
     """The classification Task of these class names (default IMDb's), as load_data decides it for single texts."""
     import peft_qlora
 
-    return peft_qlora.Task("classification", list(names or ("neg", "pos")))
+    return peft_qlora.Classification(list(names or ("neg", "pos")))

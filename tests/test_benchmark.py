@@ -23,7 +23,7 @@ def test_the_benchmark_runs_every_mode_on_a_tiny_model(tmp_path):
         assert row["reviews_per_s"] > 0 and row["epoch_s"] > 0 and row["warmup_s"] > 0
         assert row["epoch_tokens_per_s"] > 0 and row["peak_memory_gib"] > 0 and row["step_wall_ms"] > 0
         assert 0 <= row["epoch_padding_share"] < 1
-        # No GPU: no kernel time, and every step eager (choose_step_path), in the loop and in the Trainer
+        # No GPU: no kernel time, and every step eager (step_path), in the loop and in the Trainer
         assert row["step_kernel_ms"] is None and not row["fixed_shape_graphs"] and row["cuda_graphs"] is None
         # 32 of 512 reviews: an epoch over all is extrapolated, except where it would multiply the compilation
         assert (row["full_epoch_s"] is None) == mode.endswith("-compile")

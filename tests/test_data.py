@@ -23,7 +23,7 @@ def test_string_labels_become_sorted_class_names(tmp_path):
         "--train-file", path, "--eval-file", path, "--text-column", "review", "--label-column", "sentiment",
         "--train-size", "all", "--eval-size", "4"))
     names = task.label_names
-    assert task == peft_qlora.Task("classification", ["negative", "positive"], ["review"])
+    assert task == peft_qlora.Classification(["negative", "positive"], ["review"])
     assert train.column_names == ["text", "labels"] and len(train) == 10 and len(evaluation) == 4
     assert sorted(zip(train["text"], train["labels"])) == sorted(
         (r["review"], names.index(r["sentiment"])) for r in rows)
@@ -124,16 +124,27 @@ def test_batch_by_tokens_fills_micro_batches_to_the_budget_and_keeps_every_text_
     assert again["labels"] == rows["labels"] and other["labels"] != rows["labels"], "texts of equal length: by seed"
 
 
-def test_collate_pads_micro_batch_rows_and_single_texts_alike(tiny_bert):
+@pytest.mark.parametrize("multiple", [None, 64])
+def test_collate_pads_micro_batch_rows_and_single_texts_as_transformers_collator_does(tiny_bert, multiple):
+    """Training's batches go through pad_batch, as prediction's do: the same tensors as transformers'
+    DataCollatorWithPadding, for a row of texts (tokenize) and a micro-batch row (batch_by_tokens) alike."""
+    import torch
     from transformers import AutoTokenizer, DataCollatorWithPadding
 
-    pad = DataCollatorWithPadding(AutoTokenizer.from_pretrained(tiny_bert))
-    rows = peft_qlora.batch_by_tokens(token_rows([2, 3, 5]), 100, peft_qlora.Runtime(None, "fp32"), seed=0)
-    from_rows = peft_qlora.collate(list(rows), pad)
-    single = peft_qlora.collate(list(token_rows([2, 3, 5])), pad)
-    for key in ("input_ids", "attention_mask", "labels"):
-        assert from_rows[key].tolist() == single[key].tolist()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    runtime = peft_qlora.Runtime(torch.device("cpu"), "fp32", pad_multiple=multiple)
+    texts = token_rows([2, 3, 5], labels=[1, 0, 1])
+    rows = peft_qlora.batch_by_tokens(texts, 1000, runtime, seed=0)
+    from_rows = peft_qlora.collate(list(rows), tokenizer.pad_token_id, runtime)
+    single = peft_qlora.collate(list(texts), tokenizer.pad_token_id, runtime)
+    theirs = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=multiple)(list(texts))
+    assert set(single) == set(theirs) == {"input_ids", "attention_mask", "labels"}
+    for key, expected in theirs.items():
+        assert single[key].dtype == expected.dtype and single[key].tolist() == expected.tolist(), key
+    assert sorted(map(tuple, from_rows["input_ids"].tolist())) == sorted(map(tuple, single["input_ids"].tolist()))
     assert single["attention_mask"].sum(1).tolist() == [2, 3, 5]
+    floats = peft_qlora.collate([{"input_ids": [1, 2], "labels": [1.0, 0.0]}], tokenizer.pad_token_id, runtime)
+    assert floats["labels"].dtype == torch.float32, "multi-label and regression targets as the loss takes them"
 
 
 def test_pad_batch_gives_what_the_tokenizer_pads(tiny_bert):

@@ -41,7 +41,7 @@ def test_cli_trains_saves_and_draws(trained):
     umask = os.umask(0)
     os.umask(umask)
     assert (out / "model").stat().st_mode & 0o777 == 0o777 & ~umask, "a normal folder, not a private temp one"
-    assert [p.name for p in out.iterdir() if p.name.startswith(".model-")] == [], "no staging folder left behind"
+    assert [p.name for p in out.iterdir() if p.name.startswith(".model")] == [], "no staging folder left behind"
 
 
 def load_4bit(model_dir):
@@ -88,22 +88,14 @@ def test_serving_dequantizes_once_and_changes_no_probability(trained):
     assert classifier.model.config.id2label == {0: "neg", 1: "pos"}
 
 
-def test_a_folder_saved_before_serving_json_serves_with_the_same_settings(trained, tmp_path):
-    """Models trained before serving.json existed keep serving: the same settings come from their metrics.json."""
-    import shutil
-
+def test_serving_json_holds_what_the_classifier_needs_besides_the_weights(trained):
     import peft_qlora
 
-    old = tmp_path / "old-model"
-    shutil.copytree(trained[0] / "model", old)
-    (old / peft_qlora.SERVING_FILE).unlink()
-    saved = peft_qlora.read_serving_settings(str(trained[0] / "model"))
-    assert peft_qlora.read_serving_settings(str(old)) == saved
+    saved = json.loads((trained[0] / "model" / peft_qlora.SERVING_FILE).read_text())
     assert saved == {"label_names": ["neg", "pos"], "max_length": 64, "truncation": "head+tail",
                      "batch_size": 256, "precision": "fp32",
-                     "task": {"kind": "classification", "text_columns": ["text"], "threshold": 0.5,
-                              "target_scale": 1.0, "target_mean": 0.0}}
-    assert peft_qlora.serving_task(saved) == classes()
+                     "task": {"kind": "classification", "text_columns": ["text"], "class_weights": None}}
+    assert peft_qlora.Task.from_dict(peft_qlora.read_serving_settings(str(trained[0] / "model"))) == classes()
 
 
 def test_a_model_too_large_to_copy_is_served_in_4bit(trained, monkeypatch):

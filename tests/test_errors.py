@@ -82,11 +82,14 @@ CASES = {
     "subset too large": (lambda t, g, d: ["--train-file", g, "--eval-file", g, "--train-size", "10"],
                          ["--train-size 10 is more than the 4 rows", "--train-size all"]),
     "train file alone": (lambda t, g, d: ["--train-file", g], ["--train-file and --eval-file go together"]),
-    "zero epochs": (lambda t, g, d: ["--epochs", "0"], ["--epochs", "must be at least 1"]),
-    "zero max length": (lambda t, g, d: ["--max-length", "0"], ["--max-length", "must be at least 1"]),
+    "zero epochs": (lambda t, g, d: ["--epochs", "0"], ["--epochs 0: must be a whole number, at least 1"]),
+    "zero max length": (lambda t, g, d: ["--max-length", "0"], ["--max-length 0: must be a whole number, at least 1"]),
     "dropout not a number": (lambda t, g, d: ["--lora-dropout", "abc"],
-                             ["--lora-dropout", "expected a number in [0, 1), got 'abc'"]),
-    "dropout of one": (lambda t, g, d: ["--lora-dropout", "1"], ["--lora-dropout", "must be in [0, 1), got 1.0"]),
+                             ["--lora-dropout", "expected a number, got 'abc'"]),
+    "dropout of one": (lambda t, g, d: ["--lora-dropout", "1"], ["--lora-dropout 1.0: must be a number in [0, 1)"]),
+    "epochs not whole": (lambda t, g, d: ["--epochs", "1.5"], ["--epochs", "expected a whole number, got '1.5'"]),
+    "auto where a number is needed": (lambda t, g, d: ["--train-size", "auto"],
+                                      ["--train-size", "expected a whole number or 'all', got 'auto'"]),
     "validation size neither count nor fraction": (lambda t, g, d: ["--validation-size", "1.5"],
                                                    ["--validation-size", "a whole number of texts or a fraction"]),
     "max length too small": (lambda t, g, d: ["--max-length", "4"], ["leaves no room"]),
@@ -196,3 +199,20 @@ def test_a_plotting_failure_keeps_the_model(tiny_bert, data_files, tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "the model is saved in" in result.stderr and "charts could not be drawn" in result.stderr
     assert (tmp_path / "model" / "adapter_model.safetensors").is_file()
+
+
+def test_config_checks_its_numbers_in_python_too():
+    """The same checks for a notebook's Config(...) as for the command line, naming the flag."""
+    import peft_qlora
+
+    import re
+
+    for given, message in (({"lora_r": 0}, "--lora-r 0: must be a whole number, at least 1"),
+                           ({"epochs": 2.5}, "--epochs 2.5: must be a whole number, at least 1"),
+                           ({"threshold": "high"}, "--threshold high: must be a number in (0, 1)"),
+                           ({"learning_rate": -1e-3}, "--learning-rate -0.001: must be a number above 0"),
+                           ({"validation_size": 1.5}, "a whole number of texts or a fraction in (0, 1)")):
+        with pytest.raises(peft_qlora.UserError, match=re.escape(message)):
+            peft_qlora.Config(**given)
+    assert peft_qlora.Config(validation_size=10.0).validation_size == 10, "10.0 texts are 10 texts"
+    assert isinstance(peft_qlora.Config(validation_size=10.0).validation_size, int)

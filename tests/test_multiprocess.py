@@ -51,13 +51,10 @@ def train_a_copy(rank, model, data_files, out):
     runtime = peft_qlora.decide_runtime(cfg.precision)
     tokenizer = peft_qlora.check_model(cfg)
     trained, _ = peft_qlora.build_model(cfg, tokenizer, data.task, runtime)
-    train_ds, test_ds = (peft_qlora.tokenize(split, tokenizer, cfg.max_length, cfg.truncation)
-                         for split in (data.train, data.test))
-    trainer = peft_qlora.make_trainer(trained, tokenizer, train_ds, test_ds, cfg, runtime,
-                                      peft_qlora.choose_batches(cfg, trained, runtime, data.task), str(out),
-                                      data.task, save_checkpoints=False)
-    peft_qlora.evaluate(trainer, test_ds, data.task, "Before training")
-    peft_qlora.train(trainer, None, runtime.device, len(data.train), data.task)
+    texts = peft_qlora.tokenize_splits(data, tokenizer, cfg)
+    trainer = peft_qlora.make_trainer(cfg, trained, tokenizer, texts, data.task, runtime)
+    peft_qlora.evaluate(trainer, texts.test, data.task, "Before training")
+    peft_qlora.train(trainer, data.task, len(texts.train))
     weights = torch.cat([p.detach().flatten() for p in trained.parameters() if p.requires_grad])
     copies = [torch.empty_like(weights) for _ in range(2)]
     dist.all_gather(copies, weights)

@@ -60,7 +60,7 @@ def assert_same_end(out, expected):
     assert got["training"]["optimizer_steps"] == want["training"]["optimizer_steps"]
     # A rate over the whole run would count the steps the interrupted process trained: none is given
     assert got["training"]["train_texts_per_s"] is None and want["training"]["train_texts_per_s"] > 0
-    name = peft_qlora.METRICS[want["task"]["kind"]][0]
+    name = peft_qlora.TASKS[want["task"]["kind"]].metric_names[0]
     for mine, reference in zip(got["history"], want["history"]):
         assert mine[name] == pytest.approx(reference[name], abs=1e-6)
         assert mine["loss"] == pytest.approx(reference["loss"], abs=1e-4)
@@ -245,16 +245,23 @@ class FailingModel:
     """Stands in for a model whose save dies halfway (a full disk, a killed process)."""
 
     def save_pretrained(self, folder, state_dict=None):  # as peft's: the weights to save, if not the model's own
+        os.makedirs(folder, exist_ok=True)
         open(os.path.join(folder, "adapter_model.safetensors"), "wb").write(b"half")
         raise OSError("No space left on device")
 
 
 def test_a_failed_save_leaves_the_previous_model_whole(tiny_bert, data_files, tmp_path):
+    """save() of a trainer whose model's save fails halfway: the model saved before is left as it was."""
+    from types import SimpleNamespace
+
     from transformers import AutoTokenizer
 
     assert peft_qlora.main(train_args(tiny_bert, data_files, tmp_path)) == 0
     before = {p.name: p.read_bytes() for p in (tmp_path / "model").iterdir()}
+    metrics = json.loads((tmp_path / "model" / "metrics.json").read_text())
+    trainer = SimpleNamespace(trained_adapter=lambda: (FailingModel(), None), args=SimpleNamespace(output_dir=None),
+                              processing_class=AutoTokenizer.from_pretrained(tiny_bert))
     with pytest.raises(OSError, match="No space left"):
-        peft_qlora.save(FailingModel(), AutoTokenizer.from_pretrained(tiny_bert), {}, {}, str(tmp_path / "model"))
+        peft_qlora.save(trainer, metrics, str(tmp_path / "model"))
     assert {p.name: p.read_bytes() for p in (tmp_path / "model").iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "model"], "the half-written copy is gone"

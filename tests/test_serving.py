@@ -75,15 +75,24 @@ def test_predict_file_reads_and_writes_every_kind(source, output, trained, tmp_p
 
 
 def test_predict_file_streams_in_chunks_to_the_same_rows(trained, tmp_path):
-    """A million rows must not be held at once: chunks of 7 rows give what one chunk gives."""
+    """A million rows must not be held at once: a file of more rows than a chunk (PREDICT_CHUNK) is read, classified
+    and written in chunks, each row in order with what predict() gives it."""
     import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    source = os.path.join(DATA, "imdb_test.parquet")
-    whole, chunked = tmp_path / "whole.parquet", tmp_path / "chunked.parquet"
+    rows = peft_qlora.PREDICT_CHUNK + 7
+    reviews = [review[:60] for review in imdb_sample("test", 256)[0]]
+    texts = [f"{i}: {reviews[i % len(reviews)]}" for i in range(rows)]
+    source, out = tmp_path / "many.parquet", tmp_path / "out.parquet"
+    pq.write_table(pa.table({"n": list(range(rows)), "text": texts}), source)
     model_dir = str(trained[0] / "model")
-    assert peft_qlora.predict_file(source, str(whole), model_dir=model_dir) == 256
-    assert peft_qlora.predict_file(source, str(chunked), model_dir=model_dir, chunk_rows=7) == 256
-    pd.testing.assert_frame_equal(pd.read_parquet(whole), pd.read_parquet(chunked))
+    assert peft_qlora.predict_file(str(source), str(out), model_dir=model_dir) == rows
+    got = pd.read_parquet(out)
+    assert got["n"].tolist() == list(range(rows)) and got["text"].tolist() == texts
+    expected = peft_qlora.predict(texts, model_dir=model_dir)
+    assert got["predicted_label"].tolist() == [row["label"] for row in expected]
+    assert got["pos_prob"].tolist() == pytest.approx([row["pos_prob"] for row in expected], abs=1e-6)
 
 
 def write(path, text):

@@ -32,8 +32,8 @@ PLAN = peft_qlora.BatchPlan(32, 1, 256, False)
 ])
 def test_graphs_run_on_a_single_gpu_and_the_log_says_why_not_elsewhere(flags, runtime, plan, reason, caplog):
     caplog.set_level(logging.INFO, logger="peft_qlora")
-    graphs = peft_qlora.choose_step_path(peft_qlora.parse_args(flags), runtime(), plan)
-    assert graphs is (reason is None)
+    path = peft_qlora.step_path(peft_qlora.parse_args(flags), runtime(), plan)
+    assert path == ("graphs" if reason is None else "eager")
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Training steps:")]
     assert len(lines) == 1
     assert ("Training steps: CUDA graphs" in lines[0]) if reason is None else (f"eager ({reason}" in lines[0])
@@ -48,26 +48,23 @@ def test_whether_steps_are_graphed_is_not_a_setting_a_resumed_run_must_keep():
 
 def train_tiny(tiny_bert, data_files, tmp_path, graphs):
     """The tiny BERT trained one epoch through make_trainer: class weights (the loss hook with the Trainer's item
-    count), two micro-batches a step, and a last step of one micro-batch (60 texts in micro-batches of 4)."""
+    count), two micro-batches a step, and a last step of one micro-batch (60 texts in micro-batches of 4). With
+    graphs, the Trainer make_trainer builds on a GPU, which no GPU here can choose: its captures fail."""
     import torch
-    from transformers import set_seed
 
     cfg = peft_qlora.parse_args(["--model", tiny_bert, "--train-file", data_files["train"], "--eval-file",
                                  data_files["test"], "--train-size", "60", "--eval-size", "all", "--max-length", "64",
                                  "--epochs", "1", "--batch-size", "8", "--micro-batch-size", "4",
-                                 "--output-dir", str(tmp_path)])
+                                 "--class-weights", "balanced", "--output-dir", str(tmp_path)])
     data = peft_qlora.load_data(cfg)
     runtime = cpu_runtime()
     tokenizer = peft_qlora.check_model(cfg)
-    set_seed(cfg.seed)
     model, _ = peft_qlora.build_model(cfg, tokenizer, data.task, runtime)
-    train = peft_qlora.tokenize(data.train, tokenizer, cfg.max_length, cfg.truncation)
-    test = peft_qlora.tokenize(data.test, tokenizer, cfg.max_length, cfg.truncation, sort_by_length=True)
-    plan = peft_qlora.BatchPlan(4, 2, 64, False)
-    trainer = peft_qlora.make_trainer(model, tokenizer, train, test, cfg, runtime, plan, str(tmp_path / "ckpt"),
-                                      data.task, class_weights=[0.8, 1.2], evaluate_each_epoch=False,
-                                      save_checkpoints=False,
-                                      graphs=graphs)
+    trainer = peft_qlora.make_trainer(cfg, model, tokenizer, peft_qlora.tokenize_splits(data, tokenizer, cfg),
+                                      data.task, runtime)
+    assert type(trainer) is peft_qlora.recipe_trainer() and trainer.plan == (4, 2, 256, False)
+    if graphs:
+        trainer.__class__ = peft_qlora.graphed_trainer()
     result = trainer.train()
     weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert all(torch.isfinite(w).all() for w in weights.values())
@@ -86,7 +83,8 @@ def test_where_a_capture_fails_the_graphed_trainer_warns_once_and_trains_exactly
     assert graphed.step_graphs.failure.startswith("RuntimeError: Tried to instantiate dummy base class")
     warnings = [r.getMessage() for r in caplog.records if "could not be captured as a CUDA graph" in r.getMessage()]
     assert len(warnings) == 1 and "eager steps from here on" in warnings[0]
-    assert not hasattr(plain, "step_graphs")
+    assert not hasattr(plain, "step_graphs") and "cuda_graphs" not in plain.record()
+    assert graphed.record()["cuda_graphs"] == {**graphed.step_graphs.counts, "failure": graphed.step_graphs.failure}
 
 
 def test_gradients_accumulate_in_the_tensors_the_graphs_write_into():

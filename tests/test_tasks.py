@@ -3,6 +3,7 @@ through the command line, and is served the same by predict(), the Classifier, p
 transformers pipeline reading the merged export."""
 import json
 import math
+from dataclasses import replace
 import os
 import subprocess
 import sys
@@ -218,7 +219,7 @@ def test_each_task_s_merged_export_serves_through_a_plain_pipeline(kind, trained
                             text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert served.returncode == 0, served.stderr[-3000:]
     scores, (problem_type, id2label) = map(json.loads, served.stdout.strip().split("\n"))
-    assert problem_type == peft_qlora.PROBLEM_TYPES[{"pairs": "classification"}.get(kind, kind)]
+    assert problem_type == peft_qlora.TASKS[{"pairs": "classification"}.get(kind, kind)].problem_type
     expected = peft_qlora.predict(items, model_dir=str(model_dir))
     # fp16 rounds each weight by up to 1 part in 2,048 (tests/test_serving.py: 3e-3 for the tiny model's
     # probabilities); a score is a rating of up to 10
@@ -342,25 +343,24 @@ def test_regression_trains_on_the_target_in_units_of_its_spread(tmp_path):
 def test_compute_metrics_of_each_task():
     import numpy as np
 
-    multi = peft_qlora.Task("multi-label", ["a", "b", "c"], threshold=0.5)
+    multi = peft_qlora.MultiLabel(["a", "b", "c"], threshold=0.5)
     logits = np.array([[2.0, -2.0, 0.1], [-1.0, 3.0, -0.1], [1.0, 1.0, 1.0], [-3.0, -3.0, -3.0]])
     labels = np.array([[1, 0, 1], [0, 1, 1], [1, 1, 1], [0, 0, 0]])  # predicted: 101, 010, 111, 000
-    got = peft_qlora.compute_metrics((logits, labels), multi)
+    got = multi.metrics(logits, labels)
     # true positives 2 + 1 + 3, false negatives 1 (b's c), no false positives: micro F1 = 12 / 13
     assert got["f1_micro"] == pytest.approx(12 / 13) and got["subset_accuracy"] == 0.75
     assert got["f1_macro"] == pytest.approx((1 + 1 + 0.8) / 3)
-    stricter = peft_qlora.compute_metrics((logits, labels), multi.__class__("multi-label", ["a", "b", "c"],
-                                                                            threshold=0.9))
+    stricter = replace(multi, threshold=0.9).metrics(logits, labels)
     assert stricter["subset_accuracy"] == 0.25, "only the text with no labels is right at 0.9"
 
-    regression = peft_qlora.Task("regression", ["score"], target_scale=2.0, target_mean=5.0)
+    regression = peft_qlora.Regression(["score"], target_scale=2.0, target_mean=5.0)
     true = np.array([2.0, 4.0, 6.0, 8.0])  # the labels, in their own units
     predicted = np.array([[1.5], [2.0], [2.5], [4.0]])  # the outputs, in units of the scale: 3, 4, 5, 8
-    got = peft_qlora.compute_metrics((predicted, true), regression)
+    got = regression.metrics(predicted, true)
     assert got["rmse"] == pytest.approx(math.sqrt((1 + 0 + 1 + 0) / 4)) and got["mae"] == pytest.approx(0.5)
     assert got["r2"] == pytest.approx(1 - 2 / 20) and got["spearman"] == pytest.approx(1.0)
     assert 0.9 < got["pearson"] < 1
-    flat = peft_qlora.compute_metrics((np.ones((4, 1)), true), regression)
+    flat = regression.metrics(np.ones((4, 1)), true)
     assert math.isnan(flat["pearson"]) and math.isnan(flat["spearman"]), "undefined for a constant prediction"
 
 
@@ -370,26 +370,33 @@ def test_the_regression_loss_is_measured_in_units_of_the_target_s_spread():
     import torch
 
     model = torch.nn.Linear(1, 1)  # the hook reads only whether the model trains
-    loss = peft_qlora.task_loss(peft_qlora.Task("regression", ["score"], target_scale=2.0), model)
+    loss = peft_qlora.Regression(["score"], target_scale=2.0).loss_function(model)
     outputs = SimpleNamespace(logits=torch.tensor([[1.0], [2.0]]))
     labels = torch.tensor([4, 2])  # 2 and 1 in units of the spread: errors 1 and 1
     model.train()
     assert loss(outputs, labels, num_items_in_batch=torch.tensor(4)).item() == 0.5, "summed over the step's 4"
     model.eval()
     assert loss(outputs, labels).item() == 1.0
-    assert peft_qlora.task_loss(peft_qlora.Task("classification", ["a", "b"]), model) is None, "the model's own"
+    assert peft_qlora.Classification(["a", "b"]).loss_function(model) is None, "the model's own"
+    assert peft_qlora.MultiLabel(["a", "b"]).loss_function(model) is None, "the model's own"
+    weighted = peft_qlora.Classification(["a", "b"], class_weights=[1.0, 3.0]).loss_function(model)
+    logits, classes = SimpleNamespace(logits=torch.tensor([[0.0, 0.0], [0.0, 0.0]])), torch.tensor([0, 1])
+    model.train()
+    assert weighted(logits, classes, num_items_in_batch=torch.tensor(2)).item() == pytest.approx(2 * 0.6931, abs=1e-4)
+    model.eval()
+    assert weighted(logits, classes).item() == pytest.approx(0.6931, abs=1e-4), "plain mean while evaluated"
 
 
 def test_balanced_weights_per_task():
-    multi = peft_qlora.Task("multi-label", ["a", "b"])
+    multi = peft_qlora.MultiLabel(["a", "b"])
     labels = [[1.0, 0.0], [1.0, 1.0], [1.0, 0.0], [0.0, 0.0]]  # a: 3 of 4, b: 1 of 4
-    assert peft_qlora.balanced_weights(labels, multi) == pytest.approx([1 / 3, 3.0])
-    assert peft_qlora.balanced_weights([0, 0, 0, 1], peft_qlora.Task("classification", ["x", "y"])) == \
-        pytest.approx([4 / 6, 4 / 2])
+    assert multi.balanced_weights(labels) == pytest.approx([1 / 3, 3.0])
+    assert multi.fitted(labels, balanced=True).class_weights == pytest.approx([1 / 3, 3.0])
+    assert peft_qlora.Classification(["x", "y"]).balanced_weights([0, 0, 0, 1]) == pytest.approx([4 / 6, 4 / 2])
     with pytest.raises(peft_qlora.UserError, match="a regression has none"):
-        peft_qlora.balanced_weights([1.0, 2.0], peft_qlora.Task("regression", ["score"]))
+        peft_qlora.Regression(["score"]).fitted([1.0, 2.0], balanced=True)
     with pytest.raises(peft_qlora.UserError, match="have no b"):
-        peft_qlora.balanced_weights([[1.0, 0.0]], multi)
+        multi.balanced_weights([[1.0, 0.0]])
 
 
 def parquet(path, **columns):
@@ -397,6 +404,11 @@ def parquet(path, **columns):
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table(columns), path)
+    return str(path)
+
+
+def csv(path, lines):
+    path.write_text("text,label\n" + "".join(line + "\n" for line in lines))
     return str(path)
 
 
@@ -410,7 +422,7 @@ BAD_INPUT = {
     "labels mixing lists and names": (
         lambda t: ["--train-file", jsonl(t / "m.jsonl", [{"text": x, "label": y} for x, y in
                                                        zip(TEXTS, [["a"], "b", ["a", "b"], []])])],
-        "mix lists (multi-label) and single labels (row 1: 'b')"),
+        "column 'label' mixes lists (multi-label) and single labels (row 1: 'b')"),
     "eval labels the training data never had": (
         lambda t: ["--train-file", parquet(t / "tr.parquet", text=TEXTS, label=[["a"], ["b"], ["a", "b"], []]),
                    "--eval-file", parquet(t / "ev.parquet", text=TEXTS, label=[["a"], ["c"], ["a"], []])],
@@ -437,8 +449,8 @@ BAD_INPUT = {
         lambda t: ["--text-column", "a", "b", "c"],
         "--text-column takes one column, or two for pairs of texts; got 3: a b c"),
     "a pair of one column twice": (lambda t: ["--text-column", "text", "text"], "a pair needs two different columns"),
-    "a threshold of 1": (lambda t: ["--threshold", "1"], "--threshold: must be in (0, 1), got 1.0"),
-    "a threshold of 0": (lambda t: ["--threshold", "0"], "--threshold: must be in (0, 1), got 0.0"),
+    "a threshold of 1": (lambda t: ["--threshold", "1"], "--threshold 1.0: must be a number in (0, 1)"),
+    "a threshold of 0": (lambda t: ["--threshold", "0"], "--threshold 0.0: must be a number in (0, 1)"),
     "multi-label asked of single labels": (
         lambda t: ["--train-file", parquet(t / "s.parquet", text=TEXTS, label=[0, 1, 0, 1]), "--task", "multi-label"],
         "--task multi-label needs a list of labels per row (names, or 0/1 per label), but the labels are integers"),
@@ -453,7 +465,27 @@ BAD_INPUT = {
     "0/1 lists of different lengths": (
         lambda t: ["--train-file", jsonl(t / "w.jsonl", [{"text": x, "label": y} for x, y in
                                                        zip(TEXTS, [[0, 1], [1, 0], [1, 1, 0], [0, 0]])])],
-        "must give 0 or 1 for each label, the same number in every row"),
+        "must give 0 or 1 for each label, the same number in every row: the train data's column 'label' has "
+        "[1, 1, 0] at row 2"),
+    "a word among numbers in a csv": (  # the whole column is read as text, the evaluation file's as numbers
+        lambda t: ["--train-file", csv(t / "r.csv", [f"review {i},{i % 10 + 1}" for i in range(60)] + ["one more,ten"]),
+                   "--eval-file", csv(t / "e.csv", [f"review {i},{i % 10 + 1}" for i in range(8)]),
+                   "--task", "regression"],
+        "the train data's column 'label' holds numbers, but 1 rows hold something else (row 60: 'ten')"),
+    "a list among names": (
+        lambda t: ["--train-file", jsonl(t / "n.jsonl", [{"text": x, "tags": y} for x, y in
+                                                       zip(TEXTS, ["a", "b", ["a", "b"], "a"])]),
+                   "--label-column", "tags"],
+        "the train data's column 'tags' mixes lists (multi-label) and single labels (row 2: ['a', 'b'])"),
+    "names in one split, integers in the other": (
+        lambda t: ["--train-file", parquet(t / "s.parquet", text=TEXTS, label=["a", "b", "a", "b"]),
+                   "--eval-file", parquet(t / "i.parquet", text=TEXTS, label=[0, 1, 0, 1])],
+        "the training labels are names (column 'label', row 0: 'a') but the evaluation labels are integers "
+        "(column 'label', row 0: 0)"),
+    "a number in lists of names": (
+        lambda t: ["--train-file", jsonl(t / "m.jsonl", [{"text": x, "label": y} for x, y in
+                                                       zip(TEXTS, [["a"], ["b"], ["a", 3], []])])],
+        "the train data's column 'label': multi-label lists hold names, or 0/1 per label; row 2 holds ['a', 3]"),
 }
 
 
