@@ -301,7 +301,6 @@ def load_data(cfg: Config) -> Splits:
     compares (class ids, 0/1 per label, targets as numbers in their own units), and the validation texts held
     out."""
     from datasets import Dataset
-
     if cfg.train_file:
         splits = {"train": read_file(cfg.train_file, "--train-file"), "test": read_file(cfg.eval_file, "--eval-file")}
     else:
@@ -344,7 +343,6 @@ def open_data_file(path: str, streaming: bool = False):
     its kin, which, unlike load_dataset, send no usage count to the hub for a local file."""
     import datasets
     from datasets import Dataset, IterableDataset
-
     kind = IterableDataset if streaming else Dataset
     bars = not datasets.are_progress_bars_disabled()
     datasets.disable_progress_bars()  # its "Generating train split" bar, for a file read in a second or two
@@ -357,7 +355,6 @@ def open_data_file(path: str, streaming: bool = False):
 
 def read_hub_dataset(name: str) -> dict:
     from datasets import load_dataset
-
     log.info("Loading dataset %s", name)
     try:
         with quiet_hub():
@@ -486,7 +483,6 @@ def hold_out(train, size: int | float, seed: int, stratify: bool):
     """(the rest, the held-out texts): `size` texts or that fraction (scikit-learn), stratified by label or at
     random."""
     from sklearn.model_selection import train_test_split
-
     if isinstance(size, int) and size >= len(train):
         raise UserError(f"--validation-size {size} leaves no training texts out of {len(train)}: hold out fewer")
     try:
@@ -499,10 +495,10 @@ def hold_out(train, size: int | float, seed: int, stratify: bool):
 
 
 # ----------------------------------------------------------------------------------------------
-# The task: what the model learns, decided once from the labels (load_data) and passed down. Everything that differs
-# between one label per text, several labels per text and a number per text lives in its class: where its labels
-# come from, its loss, its metrics and the one that picks the best epoch, its chart, what predict() returns, and its
-# export. Pairs of texts are any of them with two text columns.
+# The task: what the model learns, decided once from the labels (load_data) and passed down. What differs between one
+# label per text, several labels per text and a number per text lives in its class: its labels, its loss, its
+# metrics and the one that picks the best epoch, its chart, what predict() returns, its export. Pairs of texts are
+# any of them with two text columns.
 
 
 METRIC_NAMES = {"accuracy": "accuracy", "f1": "F1", "f1_micro": "micro F1", "f1_macro": "macro F1",
@@ -524,6 +520,7 @@ class Task:
     labels_word: ClassVar[str] = "classes"
     stratified: ClassVar[bool] = False  # the validation texts held out evenly across the classes
     own_loss: ClassVar[bool] = True  # without class weights the model's own loss (problem_type's) is the task's
+    verdict: ClassVar[tuple[str, str]] = ("label", "predicted_label")  # predict()'s key, predict --file's column
     chart_file: ClassVar[str]  # the chart of where the trained model errs
 
     @property
@@ -565,34 +562,34 @@ class Task:
         return f" of text pairs ({', '.join(self.text_columns)})" if self.pairs else ""
 
     def fitted(self, targets: list, balanced: bool) -> Task:
-        """The task as the training texts (once the validation texts are held out) set it: with --class-weights
-        balanced, each class's weight."""
+        """The task as the training texts (those not held out) set it: with --class-weights balanced, the weights."""
         if len(targets) < 10 * self.num_labels:
             log.warning("Only %d training texts for %d %s: too few to learn from; use more (--train-size)",
                         len(targets), self.num_labels, self.labels_word)
-        return replace(self, class_weights=self.balanced_weights(targets)) if balanced else self
-
-    def check_every_class(self, hot) -> None:
+        if not balanced:
+            return self
+        hot = self.one_hot(targets)
         absent = [name for name, count in zip(self.label_names, hot.sum(axis=0)) if count == 0]
         if absent:
             raise UserError(f"--class-weights balanced: the training texts have no {', '.join(absent)}, so it "
                             "cannot be weighed; train on texts of every class")
+        weights = self.balanced_weights(hot.sum(axis=0), len(hot))
+        log.info("%s: %s", self.weights_said, ", ".join(f"{n} {w:.2f}" for n, w in zip(self.label_names, weights)))
+        return replace(self, class_weights=weights.tolist())
 
     def loss_function(self, model):
         """The Trainer's loss hook (compute_loss_func), or None where the model's own loss is the task's. With class
-        weights, each class's loss is weighted while the model trains; while it is evaluated, the plain mean, so
-        that evaluation losses compare across runs. While training, the summed loss is divided by the labels of the
-        whole optimizer step, as the Trainer expects of the hook under gradient accumulation (balanced weights
-        average 1 over the training texts, so this is their weighted mean)."""
+        weights, each class's loss is weighted while the model trains, and the plain mean is taken while it is
+        evaluated, so that evaluation losses compare across runs. While training, the summed loss is divided by the
+        labels of the whole optimizer step, as the Trainer expects of the hook under gradient accumulation (balanced
+        weights average 1 over the training texts, so this is their weighted mean)."""
         if self.class_weights is None and self.own_loss:
             return None
         on_device = {}  # the weights copied to the GPU once: a step captured as a CUDA graph cannot copy from the host
 
         def loss(outputs, labels, num_items_in_batch=None):
             import torch
-
-            logits = outputs.logits.float()
-            weight = None
+            logits, weight = outputs.logits.float(), None
             if self.class_weights is not None and model.training:
                 if logits.device not in on_device:
                     on_device[logits.device] = torch.tensor(self.class_weights, device=logits.device)
@@ -602,17 +599,31 @@ class Task:
 
         return loss
 
+    def probe_labels(self, batch: int, device):
+        """Labels of the right shape and type for the batches that measure a step's memory."""
+        import torch
+        return torch.tensor([self.blank_label] * batch, device=device)
+
     def start_head(self, model) -> None:
         """Sets the new head up before training (regression: at the targets' mean)."""
 
     def report(self, true, predicted) -> dict:
         """Each class's (or label's) precision, recall, F1 and support."""
         from sklearn.metrics import classification_report
-
         report = classification_report(true, predicted, labels=list(range(self.num_labels)),
                                        target_names=self.label_names, output_dict=True, zero_division=0)
         return {name: {key: report[name][key] for key in ("precision", "recall", "f1-score", "support")}
                 for name in self.label_names}
+
+    def results(self, logits) -> list[dict]:
+        """What predict() says of each text: each class's (or label's) probability, and the verdict."""
+        return [{**{f"{name}_prob": p for name, p in zip(self.label_names, probs)}, self.verdict[0]: self.decide(probs)}
+                for probs in self.probabilities(logits)]
+
+    @property
+    def result_columns(self) -> dict:
+        """The keys of a prediction that predict --file writes, each with the column it goes to."""
+        return {self.verdict[0]: self.verdict[1], **{f"{name}_prob": f"{name}_prob" for name in self.label_names}}
 
     def merge_head(self, model) -> None:
         """Makes the merged export's head compute what predict() reports (regression: the score in its units)."""
@@ -626,6 +637,8 @@ class Classification(Task):
     problem_type = "single_label_classification"
     metric_names = ("accuracy", "f1")  # F1 of class 1 (pos) for two classes, else the mean over classes
     stratified = True
+    blank_label = 0
+    weights_said = "Class weights"
     chart_file = "confusion_matrix.png"
 
     @classmethod
@@ -652,44 +665,30 @@ class Classification(Task):
         if unseen:
             raise UserError(f"the evaluation data has labels the training data lacks: {', '.join(map(str, unseen))}; "
                             "a model cannot learn a class it never sees")
-        ids = {name: i for i, name in enumerate(names)}
-        to_id = ids.__getitem__ if isinstance(train[0], str) else int
+        to_id = {name: i for i, name in enumerate(names)}.__getitem__ if isinstance(train[0], str) else int
         return cls(list(names), list(cfg.text_column)), to_id, lambda split: [to_id(y) for y in split]
 
-    def balanced_weights(self, labels: list[int]) -> list[float]:
-        """Each class's weight, the inverse of its share of the training texts (scikit-learn's "balanced")."""
+    def one_hot(self, targets):
         import numpy as np
-        from sklearn.utils.class_weight import compute_class_weight
+        return np.eye(self.num_labels)[targets]
 
-        self.check_every_class(np.eye(self.num_labels)[labels])
-        weights = compute_class_weight("balanced", classes=np.arange(self.num_labels), y=labels)
-        log.info("Class weights: %s", ", ".join(f"{n} {w:.2f}" for n, w in zip(self.label_names, weights)))
-        return weights.tolist()
+    def balanced_weights(self, counts, texts: int):
+        """Each class's weight, the inverse of its share of the training texts (scikit-learn's "balanced")."""
+        return texts / (self.num_labels * counts)
 
     def summed_loss(self, logits, labels, weight):
         from torch.nn import functional
-
         return functional.cross_entropy(logits, labels, reduction="sum", weight=weight)
-
-    def probe_labels(self, batch: int, device):
-        """Labels of the right shape and type for the batches that measure a step's memory."""
-        import torch
-
-        return torch.zeros(batch, device=device, dtype=torch.long)
 
     def metrics(self, outputs, labels) -> dict:
         from sklearn.metrics import accuracy_score, f1_score
-
         predictions = outputs.argmax(-1)
-        binary = outputs.shape[-1] == 2
         return {"accuracy": accuracy_score(labels, predictions),
-                "f1": f1_score(labels, predictions, average="binary" if binary else "macro")}
+                "f1": f1_score(labels, predictions, average="binary" if outputs.shape[-1] == 2 else "macro")}
 
     def details(self, outputs, labels) -> dict:
-        """Where the model errs: each class's figures, and the confusion matrix (rows: the true class, columns: the
-        predicted one)."""
+        """Each class's figures, and the confusion matrix (rows: the true class, columns: the predicted one)."""
         from sklearn.metrics import confusion_matrix
-
         predicted = outputs.argmax(-1)
         return {"per_class": self.report(labels, predicted),
                 "confusion_matrix": confusion_matrix(labels, predicted, labels=list(range(self.num_labels))).tolist()}
@@ -700,16 +699,8 @@ class Classification(Task):
     def probabilities(self, logits) -> list[list[float]]:
         return logits.softmax(-1).tolist()
 
-    def results(self, logits) -> list[dict]:
-        """What predict() says of each text: each class's probability, and the most probable class."""
-        return [{**{f"{name}_prob": p for name, p in zip(self.label_names, probs)},
-                 "label": self.label_names[max(range(len(probs)), key=probs.__getitem__)]}
-                for probs in self.probabilities(logits)]
-
-    @property
-    def result_columns(self) -> dict:
-        """The keys of a prediction that predict --file writes, each with the column it goes to."""
-        return {"label": "predicted_label", **{f"{name}_prob": f"{name}_prob" for name in self.label_names}}
+    def decide(self, probs: list[float]) -> str:
+        return self.label_names[max(range(len(probs)), key=probs.__getitem__)]
 
 
 @dataclass(frozen=True)
@@ -722,6 +713,8 @@ class MultiLabel(Task):
     problem_type = "multi_label_classification"
     metric_names = ("f1_micro", "f1_macro", "subset_accuracy")  # subset: every label of the text right
     labels_word = "labels"
+    weights_said = "Weights of each label's positive texts"
+    verdict = ("labels", "predicted_labels")
     chart_file = "label_f1.png"
 
     @classmethod
@@ -762,39 +755,32 @@ class MultiLabel(Task):
 
         return cls(list(names), list(cfg.text_column), threshold=cfg.threshold), to_target, rarest
 
-    def balanced_weights(self, labels: list[list[float]]) -> list[float]:
-        """Each label's weight on its positive texts, its negatives over its positives (the pos_weight of binary
-        cross-entropy), so that the texts with a label weigh as much as those without it."""
-        import numpy as np
+    @property
+    def blank_label(self) -> list[float]:
+        return [0.0] * self.num_labels
 
-        hot = np.array(labels)
-        self.check_every_class(hot)
-        weights = (len(hot) - hot.sum(axis=0)) / hot.sum(axis=0)
-        log.info("Weights of each label's positive texts: %s",
-                 ", ".join(f"{n} {w:.2f}" for n, w in zip(self.label_names, weights)))
-        return weights.tolist()
+    def one_hot(self, targets):
+        import numpy as np
+        return np.array(targets)
+
+    def balanced_weights(self, counts, texts: int):
+        """Each label's weight on its positive texts, its negatives over its positives (binary cross-entropy's
+        pos_weight), so that the texts with a label weigh as much as those without it."""
+        return (texts - counts) / counts
 
     def summed_loss(self, logits, labels, weight):
         from torch.nn import functional
-
         return functional.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="sum",
                                                            pos_weight=weight)
-
-    def probe_labels(self, batch: int, device):
-        import torch
-
-        return torch.zeros((batch, self.num_labels), device=device)
 
     def predicted(self, outputs):
         """1 where a label's probability (the sigmoid of its output) is above the threshold, that is where the output
         is above the threshold's log-odds (no exp to overflow on large outputs)."""
         import math
-
         return (outputs > math.log(self.threshold / (1 - self.threshold))).astype(int)
 
     def metrics(self, outputs, labels) -> dict:
         from sklearn.metrics import accuracy_score, f1_score
-
         predictions = self.predicted(outputs)
         return {"f1_micro": f1_score(labels, predictions, average="micro", zero_division=0),
                 "f1_macro": f1_score(labels, predictions, average="macro", zero_division=0),
@@ -809,14 +795,8 @@ class MultiLabel(Task):
     def probabilities(self, logits) -> list[list[float]]:
         return logits.sigmoid().tolist()
 
-    def results(self, logits) -> list[dict]:
-        return [{**{f"{name}_prob": p for name, p in zip(self.label_names, probs)},
-                 "labels": [name for name, p in zip(self.label_names, probs) if p > self.threshold]}
-                for probs in self.probabilities(logits)]
-
-    @property
-    def result_columns(self) -> dict:
-        return {"labels": "predicted_labels", **{f"{name}_prob": f"{name}_prob" for name in self.label_names}}
+    def decide(self, probs: list[float]) -> list[str]:
+        return [name for name, p in zip(self.label_names, probs) if p > self.threshold]
 
 
 @dataclass(frozen=True)
@@ -834,6 +814,8 @@ class Regression(Task):
     metric_names = ("rmse", "pearson", "mae", "spearman", "r2")  # in the target's own units
     greater_is_better = False
     own_loss = False
+    blank_label = 0.0
+    verdict = ("score", "predicted_score")
     chart_file = "predicted_vs_true.png"
 
     @property
@@ -852,7 +834,6 @@ class Regression(Task):
     def from_labels(cls, labels: dict, cfg: Config, class_names: list[str] | None):
         """(the task, each label a float, checked finite, the groups a subset is drawn over: one, so at random)."""
         import math
-
         for split, values in labels.items():
             bad = [i for i, y in enumerate(values) if not math.isfinite(y)]
             if bad:
@@ -864,7 +845,6 @@ class Regression(Task):
     def fitted(self, targets: list[float], balanced: bool) -> Task:
         """The task with the training targets' mean and standard deviation, which the loss measures in."""
         import statistics
-
         if balanced:
             raise UserError("--class-weights balanced weighs classes, and a regression has none: leave it out")
         scale = statistics.pstdev(targets) if len(targets) > 1 else 0.0
@@ -874,19 +854,12 @@ class Regression(Task):
 
     def summed_loss(self, logits, labels, weight):
         from torch.nn import functional
-
         return functional.mse_loss(logits[:, 0], labels.to(logits.dtype) / self.target_scale, reduction="sum")
 
-    def probe_labels(self, batch: int, device):
-        import torch
-
-        return torch.zeros(batch, device=device)
-
     def start_head(self, model) -> None:
-        """The head's bias, where it has one, set to the targets' mean (in units of target_scale): the untrained model
-        predicts the mean. Decoders' heads (score) have no bias and learn it."""
+        """The head's bias, where it has one, at the targets' mean: the untrained model predicts the mean. Decoders'
+        heads (score) have no bias and learn it."""
         import torch
-
         bias = output_layer(model, self).bias
         if bias is not None:
             with torch.no_grad():
@@ -896,7 +869,6 @@ class Regression(Task):
         import numpy as np
         from scipy.stats import pearsonr, spearmanr  # scipy comes with scikit-learn
         from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
-
         predicted, true = outputs.reshape(-1) * self.target_scale, labels.reshape(-1)
         constant = np.ptp(predicted) == 0 or np.ptp(true) == 0  # correlation is undefined: NaN, without scipy's warning
         return {"rmse": float(np.sqrt(mean_squared_error(true, predicted))),
@@ -909,7 +881,6 @@ class Regression(Task):
         """The predictions for each true value (or for each twentieth of their range, if the targets take more than
         20 values): how many, their mean and quartiles."""
         import numpy as np
-
         true, predicted = labels.reshape(-1), outputs.reshape(-1) * self.target_scale
         values = np.unique(true)
         if len(values) <= 20:
@@ -943,7 +914,6 @@ class Regression(Task):
     def merge_head(self, model) -> None:
         """The output in the target's units, as a pipeline returns it unchanged."""
         import torch
-
         layer = output_layer(model, self)
         with torch.no_grad():
             for tensor in (layer.weight, layer.bias):
@@ -964,7 +934,6 @@ def check_model(cfg: Config):
     and it reads --max-length tokens. Returns its tokenizer."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
-
     config = load_pretrained(AutoConfig, cfg.model_source)
     if type(config) not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING:
         raise UserError(f"{cfg.model} is a {config.model_type!r} model, for which transformers has no sequence-"
@@ -982,7 +951,6 @@ def load_tokenizer(source: str, pairs: bool = False):
     two texts (join_pairs). Decoders' classification heads read the last token that is not padding, and right
     padding keeps every text's positions as in pretraining."""
     from transformers import AutoTokenizer
-
     tokenizer = load_pretrained(AutoTokenizer, source)
     if len(tokenizer) <= len(tokenizer.all_special_ids):  # transformers 5 builds an empty one if the files are missing
         raise UserError(f"the tokenizer of {source} has no vocabulary, only its special tokens: the model's folder "
@@ -997,10 +965,10 @@ def load_tokenizer(source: str, pairs: bool = False):
 def build_model(cfg: Config, tokenizer, task: Task, runtime: Runtime):
     """QLoRA: the 4-bit base, frozen, LoRA adapters, the trainable head, all started from --seed. Returns (model,
     what metrics.json records of it)."""
+    import torch
     from peft import LoraConfig, TaskType, get_peft_model
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
     from transformers import set_seed
-
     set_seed(cfg.seed)  # the new head and the LoRA matrices start from it
     started = time.perf_counter()
     model = load_base_model(cfg.model_source, task, runtime)
@@ -1025,7 +993,7 @@ def build_model(cfg: Config, tokenizer, task: Task, runtime: Runtime):
                       modules_to_save=list(heads))  # a copy: peft appends its own guesses to the list
     try:
         # LoRA's weights in the dtype the head trains in (load_base_model says which)
-        model = get_peft_model(model, lora, autocast_adapter_dtype=runtime.trains_in_fp32)
+        model = get_peft_model(model, lora, autocast_adapter_dtype=runtime.trained_dtype == torch.float32)
     except ValueError as e:
         raise UserError(f"--lora-targets {' '.join(targets)}: {e}") from e
     trainable, total = model.get_nb_trainable_parameters()
@@ -1045,7 +1013,6 @@ def build_model(cfg: Config, tokenizer, task: Task, runtime: Runtime):
 def load_base_model(source: str, task: Task, runtime: Runtime):
     """The base model in 4-bit NF4, with a head for this task."""
     from transformers import AutoModelForSequenceClassification
-
     with loading_threads(runtime):
         model, loading = load_pretrained(AutoModelForSequenceClassification, source, output_loading_info=True,
                                          **quantized_load_kwargs(task, runtime))
@@ -1064,7 +1031,6 @@ def load_base_model(source: str, task: Task, runtime: Runtime):
 def quantized_load_kwargs(task: Task, runtime: Runtime) -> dict:
     """from_pretrained arguments for a 4-bit NF4 model with this task's head, used for training and for reloading."""
     from transformers import BitsAndBytesConfig
-
     quantization = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",  # the default is fp4; NF4 suits normally distributed weights
@@ -1099,7 +1065,6 @@ def trainable_heads(model) -> dict:
 def output_layer(model, task: Task):
     """The head's last linear layer, which computes the task's outputs (BERT's classifier, a decoder's score)."""
     import torch
-
     layers = [m for head in trainable_heads(model).values() for m in head.modules()
               if isinstance(m, torch.nn.Linear) and m.out_features == task.num_labels]
     if not layers:
@@ -1188,7 +1153,6 @@ def pad_batch(encoded: dict, pad_id: int, runtime: Runtime) -> dict:
     Training's batches and prediction's are padded here."""
     import numpy as np
     import torch
-
     lengths = np.array([len(ids) for ids in encoded["input_ids"]])
     mask = np.arange(runtime.padded(int(lengths.max()))) < lengths[:, None]
     tensors = {}
@@ -1251,7 +1215,6 @@ def train(trainer, task: Task, texts: int) -> tuple[list[dict], dict]:
 def explain_out_of_memory(doing: str, remedy: str):
     """A GPU out of memory is the user's to fix by a setting: say which, in one line."""
     import torch
-
     try:
         yield
     except torch.OutOfMemoryError as e:
@@ -1272,7 +1235,6 @@ def describe_run(cfg: Config, task: Task, model_info: dict, trainer, runtime: Ru
 
 def versions() -> dict:
     import importlib
-
     # From the modules, not package metadata: a copied-in package (no metadata) must not crash the run
     modules = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "sklearn")
     return {"python": sys.version.split()[0],
@@ -1331,7 +1293,6 @@ def draw(metrics: dict, task: Task, images_dir: str) -> list[str]:
 def bar_chart(metrics: dict, task: Task):
     """The task's two headline metrics before and after training, side by side (in panels, Task.bar_panels)."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
-
     panels = task.bar_panels
     bar = Figure(figsize=(6 if len(panels) == 1 else 8, 4), layout="constrained")
     axes = bar.subplots(1, len(panels), squeeze=False)[0]
@@ -1356,7 +1317,6 @@ def line_chart(metrics: dict, task: Task):
     """The metric that picks the best epoch (accuracy, micro F1 or RMSE), per epoch, on the texts each epoch was
     evaluated on: the validation texts if the run held some out, else the test texts."""
     from matplotlib.figure import Figure
-
     start = metrics.get("validation_before", metrics["before"])
     texts = "validation" if "validation_before" in metrics else "test"
     name = task.best_metric
@@ -1384,7 +1344,6 @@ def line_chart(metrics: dict, task: Task):
 def label_f1_chart(before: dict, after: dict):
     """Multi-label: each label's F1 on the test set before and after training, with its support."""
     from matplotlib.figure import Figure
-
     names = list(after)
     figure = Figure(figsize=(7, max(3, 1 + 0.45 * len(names))), layout="constrained")
     ax = figure.subplots()
@@ -1406,7 +1365,6 @@ def predicted_chart(summary: list[dict]):
     """Regression: the mean prediction for each true value, with the middle half of the predictions, against the
     line where the prediction equals the truth."""
     from matplotlib.figure import Figure
-
     true = [row["true"] for row in summary]
     figure = Figure(figsize=(6, 5), layout="constrained")
     ax = figure.subplots()
@@ -1428,7 +1386,6 @@ def confusion_chart(counts: list[list[int]], label_names: list[str]):
     import numpy as np
     from matplotlib.figure import Figure
     from sklearn.metrics import ConfusionMatrixDisplay
-
     counts = np.array(counts)
     shares = counts / counts.sum(axis=1, keepdims=True).clip(min=1)
     k = len(label_names)
@@ -1492,7 +1449,6 @@ class Classifier:
     def logits(self, texts: list, batch_size: int | None = None):
         """The model's outputs for each text (or pair), in batches, truncated to the training length, in order."""
         import torch
-
         batch_size = batch_size or self.batch_size
         device = self.runtime.device
         autocast = torch.autocast(device.type, dtype=self.runtime.dtype, enabled=self.runtime.precision != "fp32")
@@ -1528,7 +1484,6 @@ def prepared_ahead(prepare, batches: list, ahead: int = 2):
     """prepare(batch) for each batch, in order, computed on a second thread `ahead` batches in advance: the
     tokenizer (Rust, which releases the GIL) works on the next batches while the model runs this one."""
     from concurrent.futures import ThreadPoolExecutor
-
     with ThreadPoolExecutor(1) as pool:
         pending = collections.deque()
         for batch in batches:
@@ -1546,7 +1501,6 @@ def load_trained(model_dir: str, dequantized: bool = False):
     runtime)."""
     import torch
     from peft import PeftConfig, PeftModel
-
     settings = read_serving_settings(model_dir)
     task = Task.from_dict(settings)
     runtime = replace(decide_runtime("auto"), fsdp=False)  # served whole, in one process
@@ -1582,7 +1536,6 @@ def serving_model(model, runtime: Runtime):
     import bitsandbytes as bnb
     import psutil  # installed with accelerate
     import torch
-
     model.eval()
     device = runtime.device
     weights = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
@@ -1666,7 +1619,6 @@ def predict_file(path: str, output: str, text_column: str | list[str] = "text", 
     whole or not at all. Returns the number of rows."""
     import pyarrow as pa
     from tqdm.auto import tqdm
-
     columns = [text_column] if isinstance(text_column, str) else list(text_column)
     task = Task.from_dict(read_serving_settings(model_dir))
     if len(columns) != (2 if task.pairs else 1):
@@ -1708,23 +1660,15 @@ def predict_file(path: str, output: str, text_column: str | list[str] = "text", 
 
 def read_chunks(path: str, size: int):
     """The rows of a data file, `size` at a time, each chunk a dict of columns; datasets streams the file."""
-    chunks = None
-    while True:
-        try:
-            if chunks is None:
-                chunks = iter(open_data_file(path, streaming=True).iter(size))
-            chunk = next(chunks)
-        except StopIteration:
-            return
-        except Exception as e:  # datasets, pandas and pyarrow each raise their own kind
-            raise UserError(f"--file {path}: cannot read it as {file_builder(path)} ({type(e).__name__}: {e})") from e
-        yield chunk
+    try:
+        yield from open_data_file(path, streaming=True).iter(size)
+    except Exception as e:  # datasets, pandas and pyarrow each raise their own kind
+        raise UserError(f"--file {path}: cannot read it as {file_builder(path)} ({type(e).__name__}: {e})") from e
 
 
 def count_rows(path: str) -> int | None:
     """A parquet file's rows, from its footer (the progress bar's total); None for other kinds."""
     import pyarrow.parquet as pq
-
     try:
         return pq.ParquetFile(path).metadata.num_rows if file_builder(path) == "parquet" else None
     except Exception:  # unreadable: read_chunks says why
@@ -1742,7 +1686,6 @@ class TableWriter:
         import pyarrow as pa
         import pyarrow.csv
         import pyarrow.parquet as pq
-
         if self.kind == "json":
             self.file.write(table.to_pandas().to_json(orient="records", lines=True, force_ascii=False).encode())
             return
@@ -1771,7 +1714,6 @@ def export_merged(model_dir: str, out: str) -> str:
     trained head, the label names and padding. transformers.pipeline("text-classification", model=out) loads
     it without peft or bitsandbytes; it truncates texts at their head, where predict() keeps head+tail."""
     import torch
-
     with quiet_transformers():
         model, tokenizer, settings, _ = load_trained(model_dir, dequantized=True)
         merged = model.merge_and_unload()  # LoRA into the fp32 weights, the trained head in place of the new one
@@ -1816,7 +1758,6 @@ class Runtime:
     @property
     def dtype(self):
         import torch
-
         return getattr(torch, DTYPES[self.precision])
 
     def padded(self, length: int) -> int:
@@ -1829,19 +1770,13 @@ class Runtime:
     # bitsandbytes quantizes it, and shard() moves one wrapped layer at a time to its GPU, keeping its shard: no GPU
     # ever holds the whole model.
     @property
-    def trains_in_fp32(self) -> bool:
-        return not self.fsdp
-
-    @property
     def trained_dtype(self):
         import torch
-
-        return torch.float32 if self.trains_in_fp32 else self.dtype
+        return self.dtype if self.fsdp else torch.float32
 
     @property
     def quant_storage(self):
         import torch
-
         return self.dtype if self.fsdp else torch.uint8
 
     @property
@@ -1855,7 +1790,6 @@ def decide_runtime(requested_precision: str) -> Runtime:
     its own GPU."""
     import torch
     from accelerate import PartialState
-
     fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"  # set by accelerate launch's FSDP config
     if fsdp:
         check_fsdp(torch.cuda.is_available())
@@ -1870,7 +1804,6 @@ def decide_runtime(requested_precision: str) -> Runtime:
 def choose_precision(requested: str, device) -> str:
     """bf16 where the GPU computes it natively (compute capability 8.0+), fp16 on older GPUs, fp32 on the CPU."""
     import torch
-
     if device.type != "cuda":
         if requested in ("bf16", "fp16"):
             raise UserError(f"--precision {requested} needs a CUDA GPU and none is visible; "
@@ -1887,9 +1820,7 @@ def choose_precision(requested: str, device) -> str:
 
 def device_name(runtime: Runtime) -> str:
     import platform
-
     import torch
-
     if runtime.device.type == "cuda":
         name = torch.cuda.get_device_name(runtime.device)
     else:
@@ -1904,7 +1835,6 @@ def make_trainer(cfg: Config, model, tokenizer, texts: Tokenized, task: Task, ru
     and its checkpoints (long runs). Several processes without FSDP each train a copy, which DDP keeps equal."""
     from transformers import EarlyStoppingCallback
     from transformers.trainer_callback import ProgressCallback
-
     wrapped = shard(model, runtime) if runtime.fsdp else model
     plan = choose_batches(cfg, wrapped, runtime, task)
     path = step_path(cfg, runtime, plan)
@@ -1917,7 +1847,6 @@ def make_trainer(cfg: Config, model, tokenizer, texts: Tokenized, task: Task, ru
     if cfg.report_to == "tensorboard" and runtime.is_main:  # into OUTPUT_DIR/logs, which outlives the checkpoints
         from torch.utils.tensorboard import SummaryWriter
         from transformers.integrations import TensorBoardCallback
-
         callbacks.append(TensorBoardCallback(SummaryWriter(os.path.join(cfg.output_dir, "logs"))))
     trainer_class = {"graphs": graphed_trainer, "sharded": sharded_trainer, "eager": recipe_trainer}[path]()
     trainer = trainer_class(
@@ -1948,7 +1877,6 @@ def training_arguments(cfg: Config, task: Task, plan: BatchPlan, runtime: Runtim
     """The recipe's training settings (learning rate, warm-up, weight decay, epochs, an evaluation and a checkpoint
     per epoch, the best epoch kept when there are validation texts), with the batches planned and the precision."""
     from transformers import TrainingArguments
-
     keep_best = validation
     by_tokens = cfg.batching == "tokens"
     return TrainingArguments(
@@ -1995,7 +1923,6 @@ def collate(rows: list[dict], pad_id: int, runtime: Runtime) -> dict:
     """The data loader's collate function: the texts padded into one batch (pad_batch), with their labels. A row of
     batch_by_tokens (training with --batching tokens) holds a whole micro-batch of texts, a row of tokenize one."""
     import torch
-
     texts = []
     for row in rows:
         if row["input_ids"] and isinstance(row["input_ids"][0], list):  # a micro-batch: a list per text
@@ -2046,9 +1973,7 @@ def recipe_trainer():
 def peak_memory(device) -> int:
     """Peak GPU memory allocated by tensors, or on the CPU the process's peak resident memory."""
     import resource
-
     import torch
-
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -2083,7 +2008,6 @@ def attention_kernels(device):
         yield
         return
     from torch.nn.attention import SDPBackend, sdpa_kernel
-
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
         yield
 
@@ -2121,7 +2045,6 @@ class StepGraphs:
 
     def __init__(self, parameters):
         import torch
-
         self.params = [p for p in parameters if p.requires_grad]
         self.grads = [torch.zeros_like(p) for p in self.params]
         self.graphs: dict = {}  # shape key -> (graph, its input tensors, its loss tensor)
@@ -2132,7 +2055,6 @@ class StepGraphs:
     def __call__(self, step, tensors: dict, key: tuple = ()):
         """The loss of step(tensors), computed by this shape's graph (captured if need be), or eagerly."""
         import torch
-
         self.bind_gradients()
         key = (*key, *((name, tuple(t.shape), t.dtype) for name, t in sorted(tensors.items())))
         if key in self.graphs:
@@ -2169,7 +2091,6 @@ class StepGraphs:
         where the Trainer dropped the gradients after an optimizer step, taking over any gradient another step
         made."""
         import torch
-
         dropped = [g for p, g in zip(self.params, self.grads) if p.grad is None]
         if dropped:
             torch._foreach_zero_(dropped)
@@ -2226,7 +2147,6 @@ def compile_layers(model) -> int:
     compile_regions does; in place, so the saved weights keep their names): one compilation serves every layer,
     and with dynamic shapes a new batch shape needs no new one. Returns how many layers were compiled."""
     import torch
-
     stacks = [m for m in model.modules()
               if isinstance(m, torch.nn.ModuleList) and len(m) > 1 and len({type(layer) for layer in m}) == 1]
     for stack in stacks:
@@ -2265,10 +2185,9 @@ def check_fsdp(cuda: bool) -> None:
 @contextlib.contextmanager
 def loading_threads(runtime: Runtime):
     """Under FSDP the model loads onto the CPU, where bitsandbytes quantizes it with torch's CPU threads, of which
-    accelerate launch and torchrun give each process one (OMP_NUM_THREADS=1), which took minutes for an 8B model
-    (benchmarks/NOTES.md). While it loads, each process on this machine takes its share of the cores."""
+    accelerate launch and torchrun give each process one (OMP_NUM_THREADS=1): while it loads, each process on this
+    machine takes its share of the cores (benchmarks/NOTES.md)."""
     import torch
-
     threads = torch.get_num_threads()
     if runtime.fsdp:
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", runtime.num_processes))
@@ -2289,7 +2208,6 @@ def shard(model, runtime: Runtime):
     import torch
     from accelerate import Accelerator
     from transformers.distributed.fsdp import update_fsdp_plugin_peft
-
     check_one_dtype(model, runtime)
     model.hf_device_map = {"": runtime.device}  # accelerate refuses to train a 4-bit model mapped elsewhere
     # The FSDP settings accelerate launch passed; the Trainer makes its own Accelerator later with the same ones
@@ -2381,7 +2299,6 @@ def trained_units(wrapped):
     """The wrapped units holding trained weights, each with the name its module has in the unwrapped model. A
     unit's own weights are one flat tensor on the module it wraps, trained or frozen as a whole."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
     for path, unit in wrapped.named_modules():
         if isinstance(unit, FSDP) and any(p.requires_grad for p in unit.module.parameters(recurse=False)):
             yield path.replace("_fsdp_wrapped_module.", ""), unit
@@ -2392,7 +2309,6 @@ def trained_weights(wrapped) -> dict:
     as in the unwrapped model. The frozen 4-bit base, which is not saved, is not gathered: for a model larger than
     one GPU it would not fit there, nor in one process's memory."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
     weights = {}
     for prefix, unit in trained_units(wrapped):
         with FSDP.summon_full_params(unit, recurse=False, writeback=False):
@@ -2406,7 +2322,6 @@ def load_trained_weights(wrapped, checkpoint: str) -> None:
     process's shard of it."""
     from safetensors.torch import load_file
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
     saved = load_file(os.path.join(checkpoint, TRAINED_WEIGHTS))
     for prefix, unit in trained_units(wrapped):
         with FSDP.summon_full_params(unit, recurse=False, writeback=True):
@@ -2421,7 +2336,6 @@ def weightless_copy(model):
     import torch
     from peft import get_peft_model
     from transformers import AutoModelForSequenceClassification
-
     config = model.peft_config["default"]
     with torch.device("meta"):
         base = AutoModelForSequenceClassification.from_config(model.get_base_model().config)
@@ -2485,7 +2399,6 @@ def gpu_memory_limit(device) -> int:
     """Bytes of GPU memory this process may hold in all: what it holds and what is free, or less under a cap
     (torch.cuda.set_per_process_memory_fraction, or PYTORCH_CUDA_ALLOC_CONF's per_process_memory_fraction)."""
     import torch
-
     free, total = torch.cuda.mem_get_info(device)
     return int(min(total * torch.cuda.get_per_process_memory_fraction(device),
                    free + torch.cuda.memory_reserved(device)))
@@ -2494,7 +2407,6 @@ def gpu_memory_limit(device) -> int:
 def memory_budget(device) -> int:
     """Bytes of GPU memory the batches may take: MEMORY_SHARE of the limit, less what the model already holds."""
     import torch
-
     return int(MEMORY_SHARE * gpu_memory_limit(device)) - torch.cuda.memory_allocated(device)
 
 
@@ -2503,7 +2415,6 @@ def memory_cost(model, runtime: Runtime, task: Task, length: int, training: bool
     (bytes, bytes per text), from batches of 1 and 2 texts (after a first run that warms up), Adam's two moments
     included; None if one text does not fit."""
     import torch
-
     if checkpointing:
         enable_checkpointing(model)
     model.train(training)
@@ -2540,7 +2451,6 @@ def agree(plan: BatchPlan, runtime: Runtime) -> BatchPlan:
     if runtime.num_processes == 1:
         return plan
     from accelerate.utils import gather_object
-
     plans = [BatchPlan(*p) for p in gather_object([tuple(plan)])]
     micro = min(p.micro_batch for p in plans)
     return BatchPlan(micro, plan.micro_batch * plan.accumulation // micro, min(p.eval_batch for p in plans),
@@ -2574,7 +2484,6 @@ def batch_by_tokens(dataset, max_tokens: int, runtime: Runtime, seed: int):
     import pyarrow as pa
     import pyarrow.compute as pc
     from datasets import Dataset
-
     table = dataset.with_format("arrow")[:]
     lengths = pc.list_value_length(table["input_ids"]).to_pylist()
     order = list(range(len(lengths)))
@@ -2720,7 +2629,6 @@ class StopSignal:
     def __enter__(self):
         import signal
         import threading
-
         if threading.current_thread() is threading.main_thread():  # only it may take signals
             for number in (signal.SIGTERM, signal.SIGINT):
                 self.previous[number] = signal.signal(number, self.handle)
@@ -2728,14 +2636,12 @@ class StopSignal:
 
     def __exit__(self, *exc) -> None:
         import signal
-
         for number, handler in self.previous.items():
             signal.signal(number, handler)
         self.previous = {}
 
     def handle(self, number: int, frame) -> None:
         import signal
-
         if self.received is None:
             self.received, self.at = number, time.monotonic()
         elif number == signal.SIGINT and time.monotonic() - self.at > 1.0:
@@ -2807,7 +2713,6 @@ def any_process(runtime: Runtime, *flags: bool) -> list[bool]:
         return list(flags)
     import torch
     import torch.distributed as dist
-
     together = torch.tensor([float(flag) for flag in flags], device=runtime.device)
     dist.all_reduce(together, op=dist.ReduceOp.MAX)
     return [bool(value) for value in together.tolist()]
@@ -2819,7 +2724,6 @@ def stopped_cleanly(trainer, schedule):
     signal (Interrupted, after the checkpoint at its step), a second Ctrl-C (Interrupted, at once), a checkpoint
     that could not be written (a UserError: the half-written one removed, the one before kept)."""
     import signal
-
     checkpoints = trainer.args.output_dir
     try:
         with schedule.stop:
@@ -2856,7 +2760,6 @@ def stopped_cleanly(trainer, schedule):
 def wait_for_everyone() -> None:
     """A barrier across the processes of a multi-process run; nothing in a single process."""
     from accelerate import PartialState
-
     PartialState().wait_for_everyone()
 
 
@@ -2900,7 +2803,6 @@ def quiet_hub():
     """huggingface_hub without its notices, each retry of an unreachable hub among them (printed twice, 24 lines
     before the error that says what to do). The caller's setting is restored afterwards."""
     from huggingface_hub.utils import logging as hub_logging
-
     verbosity = hub_logging.get_verbosity()
     hub_logging.set_verbosity_error()
     try:
@@ -2941,9 +2843,7 @@ def quiet_transformers():
     deprecation warnings that peft triggers in transformers, the dequantization notice, huggingface_hub's
     retries. The caller's settings are restored afterwards."""
     import warnings
-
     from transformers.utils import logging as hf_logging
-
     import_bitsandbytes_offline()
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
@@ -2992,7 +2892,6 @@ def join_pairs(tokenizer, source: str) -> None:
     template, so that the saved tokenizer, predict() and a pipeline given text_pair all encode pairs alike. BERT's
     ([CLS] a [SEP] b [SEP]) and Llama 3's (<|begin_of_text|> a <|begin_of_text|> b) are kept."""
     from tokenizers import processors
-
     if not tokenizer.is_fast:
         raise UserError(f"the tokenizer of {source} has no tokenizer.json (a fast tokenizer): pairs of texts need one")
     parts = tokenizer("a", "b").sequence_ids()
@@ -3026,7 +2925,6 @@ def prepare_4bit_layers(model) -> int:
     """Checks the head escaped quantization and readies the 4-bit layers; returns how many there are."""
     import bitsandbytes as bnb
     import torch
-
     layers = 0
     for name, module in model.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
@@ -3053,7 +2951,6 @@ def autocast_input(module, args: tuple):
     its input's dtype: fp32 after every layer norm, which adds a cast per layer and doubles the activation
     memory kept for the backward pass. Handing it the compute dtype makes it behave like nn.Linear."""
     import torch
-
     x = args[0]
     if torch.is_autocast_enabled(x.device.type) and x.dtype != module.compute_dtype:
         return (x.to(module.compute_dtype), *args[1:])
@@ -3064,7 +2961,6 @@ def checkpointing_arguments(on: bool) -> dict:
     """TrainingArguments for gradient checkpointing, non-reentrant (it needs no gradient on the frozen embeddings'
     output, and works with DDP), under transformers 5.24's name (activation_checkpointing) or 5.17's."""
     from transformers import TrainingArguments
-
     name = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
             else "gradient_checkpointing")
     return {name: on, f"{name}_kwargs": {"use_reentrant": False}}
@@ -3183,7 +3079,6 @@ def end_process_group() -> None:
     """Leave a multi-process run's process group cleanly (NCCL warns otherwise); nothing in a single process."""
     if "torch" in sys.modules:
         import torch.distributed as dist
-
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 

@@ -1,4 +1,11 @@
-"""Shared fixtures: tiny real models (random weights, their own WordPiece vocabulary) and small data files."""
+"""Shared fixtures: tiny real models (random weights, their own WordPiece vocabulary) and small data files.
+
+The test files follow peft_qlora.py's sections: test_cli and test_errors (the settings, the command line, every bad
+input), test_recipe (run, end to end, its losses pinned), test_data, test_tasks, test_model and test_decoder (the
+steps), test_evaluation (evaluate, train, the charts), test_serving (predict, files, the export), then how the steps
+run: test_fast_path, test_sharding, test_batch_planning, test_long_runs, test_multiprocess, and test_workarounds
+(bitsandbytes on both kinds of CPU). test_real_weights trains a real pretrained model where one is given;
+test_benchmark runs benchmarks/bench.py's smoke test."""
 import os
 import subprocess
 import sys
@@ -104,6 +111,18 @@ def tiny_bert(tmp_path_factory, vocab_file):
                         intermediate_size=128, max_position_embeddings=128,
                         initializer_range=0.2)  # wider than BERT's 0.02, so texts get distinct scores
     return save_tiny_model(tmp_path_factory.mktemp("tiny-bert"), config, vocab_file)
+
+
+@pytest.fixture(scope="session")
+def fixed_bert(tmp_path_factory):
+    """The tiny BERT's shape with bert-base-uncased's own WordPiece vocabulary (benchmarks/vocab): the same model in
+    every run, where tiny_bert's trained vocabulary breaks its ties differently from run to run."""
+    from transformers import AutoTokenizer, BertConfig
+
+    config = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=128, max_position_embeddings=128, initializer_range=0.2)
+    return save_tiny_model(tmp_path_factory.mktemp("fixed-bert"), config,
+                           tokenizer=AutoTokenizer.from_pretrained(os.path.join(ROOT, "benchmarks", "vocab")))
 
 
 @pytest.fixture(scope="session")
