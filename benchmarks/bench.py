@@ -279,6 +279,13 @@ def shell_predict_seconds(trainer, cfg, runtime, workdir):
     return time.perf_counter() - start
 
 
+def training_alone(trainer):
+    """The script's Trainer without the evaluation and the checkpoint it adds at each epoch's end, so that an epoch's
+    time is its training steps' (full fine-tuning's checkpoint would be the whole model and its optimizer)."""
+    trainer.args = dataclasses.replace(trainer.args, eval_strategy="no", save_strategy="no")
+    return trainer
+
+
 def one_epoch(mode, model, tokenizer, texts, cfg, runtime, workdir, config):
     """One epoch of the Trainer over real reviews, as each recipe feeds them. Returns (figures, the Trainer)."""
     from datasets import Dataset
@@ -291,10 +298,10 @@ def one_epoch(mode, model, tokenizer, texts, cfg, runtime, workdir, config):
         trainer = Trainer(model=model, train_dataset=data, args=TrainingArguments(
             output_dir=workdir, num_train_epochs=1, bf16=runtime.precision == "bf16", label_names=["labels"],
             save_strategy="no", report_to="none", disable_tqdm=True))
-    else:  # the script's Trainer, which evaluates (8 reviews here) and writes a checkpoint at the epoch's end
+    else:
         data = peft_qlora.tokenize(data, tokenizer, cfg.max_length, cfg.truncation)
-        trainer = peft_qlora.make_trainer(cfg, model, tokenizer, peft_qlora.Tokenized(data, None, data.select(range(8))),
-                                          IMDB, runtime)
+        trainer = training_alone(peft_qlora.make_trainer(
+            cfg, model, tokenizer, peft_qlora.Tokenized(data, None, data.select(range(8))), IMDB, runtime))
     padding = padding_share(trainer)
     reset_memory()
     with peft_qlora.attention_kernels(runtime.device):
@@ -361,8 +368,8 @@ def compare_graphs(folder, cfg, runtime, texts, dropout):
                                    tokenizer, cfg.max_length, cfg.truncation)
         run_cfg = dataclasses.replace(cfg, cuda_graphs="auto" if graphs else "off",
                                       output_dir=tempfile.mkdtemp(prefix="bench-check-"))
-        trainer = peft_qlora.make_trainer(run_cfg, model, tokenizer,
-                                          peft_qlora.Tokenized(data, None, data.select(range(8))), IMDB, runtime)
+        trainer = training_alone(peft_qlora.make_trainer(
+            run_cfg, model, tokenizer, peft_qlora.Tokenized(data, None, data.select(range(8))), IMDB, runtime))
         result = trainer.train()
         graph_counts = getattr(trainer, "step_graphs", None)
         runs[name] = {"train_loss": result.training_loss,

@@ -72,8 +72,8 @@ def main():
           flush=True)
 
     data = Dataset.from_dict({"input_ids": [list(range(1000, 1512))] * 1600, "labels": [0, 1] * 800})
-    trainer = peft_qlora.make_trainer(cfg, model, tokenizer, peft_qlora.Tokenized(data, None, data.select(range(8))),
-                                      bench.IMDB, runtime)
+    trainer = bench.training_alone(peft_qlora.make_trainer(
+        cfg, model, tokenizer, peft_qlora.Tokenized(data, None, data.select(range(8))), bench.IMDB, runtime))
     torch.cuda.synchronize()
     start = time.perf_counter()
     trainer.train()
