@@ -436,9 +436,9 @@ def label_kind(labels: list, split: str, column: str) -> LabelKind:
         if kinds <= allowed:
             row = next((i for i, y in enumerate(labels) if isinstance(y, float)), 0)
             return LabelKind(kind, split, column, (row, labels[row]))
-    row = next(i for i, y in enumerate(labels) if not isinstance(y, (int, float)))
-    raise UserError(f"{where} mixes numbers and other values (row {row}: {labels[row]!r}): labels must be all "
-                    "integers, all names, all numbers or all lists")
+    row = next(i for i, y in enumerate(labels) if type(y) not in (int, float))
+    raise UserError(f"{where} holds {type(labels[row]).__name__} values (row {row}: {labels[row]!r}): labels must "
+                    "be all integers, all names, all numbers or all lists")
 
 
 def is_number(text: str) -> bool:
@@ -1850,6 +1850,7 @@ def make_trainer(cfg: Config, model, tokenizer, texts: Tokenized, task: Task, ru
         callbacks.append(TensorBoardCallback(SummaryWriter(os.path.join(cfg.output_dir, "logs"))))
     trainer_class = {"graphs": graphed_trainer, "sharded": sharded_trainer, "eager": recipe_trainer}[path]()
     trainer = trainer_class(
+        plan=plan, resume_from=resume_from, schedule=schedule,
         model=model, args=training_arguments(cfg, task, plan, runtime, checkpoints, bool(texts.validation)),
         # --batching tokens: each row a micro-batch filled to what choose_batches measured
         train_dataset=(batch_by_tokens(texts.train, plan.micro_batch * runtime.padded(cfg.max_length), runtime,
@@ -1858,7 +1859,6 @@ def make_trainer(cfg: Config, model, tokenizer, texts: Tokenized, task: Task, ru
         data_collator=functools.partial(collate, pad_id=tokenizer.pad_token_id, runtime=runtime),
         processing_class=tokenizer, callbacks=callbacks, compute_loss_func=task.loss_function(model),
         compute_metrics=lambda evaluated: task.metrics(evaluated.predictions, evaluated.label_ids))
-    trainer.plan, trainer.resume_from, trainer.schedule = plan, resume_from, schedule
     trainer.remove_callback(ProgressCallback)  # for one that prints less
     trainer.add_callback(epoch_progress(task))
     if runtime.fsdp:  # the Trainer was made with the unwrapped model, which it inspects, and trains the sharded one
@@ -1944,9 +1944,9 @@ def recipe_trainer():
     from transformers import Trainer
 
     class RecipeTrainer(Trainer):
-        plan: BatchPlan
-        resume_from: str | None = None
-        schedule: Any = None
+        def __init__(self, *args, plan: BatchPlan, resume_from: str | None, schedule, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.plan, self.resume_from, self.schedule = plan, resume_from, schedule
 
         def train(self, *args, **kwargs):
             if self.args.device.type == "cuda":

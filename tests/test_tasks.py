@@ -390,13 +390,15 @@ def test_the_regression_loss_is_measured_in_units_of_the_target_s_spread():
 def test_balanced_weights_per_task():
     multi = peft_qlora.MultiLabel(["a", "b"])
     labels = [[1.0, 0.0], [1.0, 1.0], [1.0, 0.0], [0.0, 0.0]]  # a: 3 of 4, b: 1 of 4
-    assert multi.balanced_weights(labels) == pytest.approx([1 / 3, 3.0])
     assert multi.fitted(labels, balanced=True).class_weights == pytest.approx([1 / 3, 3.0])
-    assert peft_qlora.Classification(["x", "y"]).balanced_weights([0, 0, 0, 1]) == pytest.approx([4 / 6, 4 / 2])
+    assert multi.fitted(labels, balanced=False).class_weights is None
+    # scikit-learn's "balanced": texts / (classes x each class's texts)
+    assert peft_qlora.Classification(["x", "y"]).fitted([0, 0, 0, 1], balanced=True).class_weights == \
+        pytest.approx([4 / 6, 4 / 2])
     with pytest.raises(peft_qlora.UserError, match="a regression has none"):
         peft_qlora.Regression(["score"]).fitted([1.0, 2.0], balanced=True)
     with pytest.raises(peft_qlora.UserError, match="have no b"):
-        multi.balanced_weights([[1.0, 0.0]])
+        multi.fitted([[1.0, 0.0]], balanced=True)
 
 
 def parquet(path, **columns):
@@ -482,6 +484,9 @@ BAD_INPUT = {
                    "--eval-file", parquet(t / "i.parquet", text=TEXTS, label=[0, 1, 0, 1])],
         "the training labels are names (column 'label', row 0: 'a') but the evaluation labels are integers "
         "(column 'label', row 0: 0)"),
+    "true and false for labels": (
+        lambda t: ["--train-file", parquet(t / "b.parquet", text=TEXTS, label=[True, False, True, False])],
+        "the train data's column 'label' holds bool values (row 0: True): labels must be all integers"),
     "a number in lists of names": (
         lambda t: ["--train-file", jsonl(t / "m.jsonl", [{"text": x, "label": y} for x, y in
                                                        zip(TEXTS, [["a"], ["b"], ["a", 3], []])])],
