@@ -2851,7 +2851,7 @@ def quiet_transformers():
     try:
         with warnings.catch_warnings(), quiet_hub():
             warnings.simplefilter("ignore", FutureWarning)
-            # accelerate's notice, per wrapped layer, of the fp32 copies it keeps under FSDP (log_fsdp_dtypes says it)
+            # accelerate's notice, per wrapped layer, of the fp32 copies it keeps under FSDP (check_one_dtype says it)
             warnings.filterwarnings("ignore", message="Upcasted low precision parameters")
             warnings.filterwarnings("ignore", message="FSDP upcast of low precision parameters")
             yield

@@ -282,7 +282,7 @@ def shell_predict_seconds(trainer, cfg, runtime, workdir):
 def training_alone(trainer):
     """The script's Trainer without the evaluation and the checkpoint it adds at each epoch's end, so that an epoch's
     time is its training steps' (full fine-tuning's checkpoint would be the whole model and its optimizer)."""
-    trainer.args = dataclasses.replace(trainer.args, eval_strategy="no", save_strategy="no")
+    trainer.args.eval_strategy = trainer.args.save_strategy = "no"  # read at each epoch's end
     return trainer
 
 
