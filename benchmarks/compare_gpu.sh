@@ -5,7 +5,7 @@
 # run (MODEL, the defaults' 4,000 / 2,000 reviews, 3 epochs) of each version, and this version's under FSDP at one
 # process (accelerate launch --config_file fsdp.yaml), each saved model read back by predict --file. Then, one after
 # the other: benchmarks/bench.py's QLoRA mode (bert-base shape: the fixed-shape step and an epoch of 4,000 reviews)
-# of OTHER, this version, OTHER again and this version again. Prints each run's accuracy and each bench's figures.
+# of OTHER, then this version, ROUNDS times (default 2). Prints each run's accuracy and each bench's figures.
 set -uo pipefail
 other=$1 model=$2 train=$3 test=$4 out=$5
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -29,7 +29,8 @@ run this "$here/../peft_qlora.py" &
 run this_fsdp "$here/../peft_qlora.py" python3 -m accelerate.commands.launch --config_file "$here/../fsdp.yaml" \
   --num_processes 1 &
 wait
-for version in other this other_again this_again; do
+versions=(); for round in $(seq "${ROUNDS:-2}"); do versions+=("other_$round" "this_$round"); done
+for version in "${versions[@]}"; do
   bench="$here/bench.py"; case $version in other*) bench="$other/benchmarks/bench.py";; esac
   python3 "$bench" --data "$train" --modes qlora --epoch-reviews 4000 --predict-reviews 2000 \
     --out "$out/bench_$version.json" > "$out/bench_$version.log" 2>&1
