@@ -128,6 +128,7 @@ def shard_and_gather(rank, model_path, out):
     trained weights with the script's functions. Rank 0 saves the unwrapped model's adapter first, for comparison."""
     import torch
     import torch.distributed as dist
+    from accelerate.utils import extract_model_from_parallel
     from peft.utils.other import fsdp_auto_wrap_policy
     from safetensors.torch import save_file
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
@@ -147,7 +148,10 @@ def shard_and_gather(rank, model_path, out):
     weights = peft_qlora.trained_weights(wrapped)
     assert weights.keys() == trained.keys() and all(torch.equal(weights[k], trained[k]) for k in trained)
     if rank == 0:
-        peft_qlora.weightless_copy(model).save_pretrained(os.path.join(out, "sharded"), state_dict=weights)
+        # As ShardedTrainer.trained_adapter names them: the model found inside the wrapper, as accelerate unwraps it
+        unwrapped = extract_model_from_parallel(wrapped)
+        assert unwrapped is model
+        peft_qlora.weightless_copy(unwrapped).save_pretrained(os.path.join(out, "sharded"), state_dict=weights)
         os.makedirs(os.path.join(out, "checkpoint"))
         save_file({name: weight + 1 for name, weight in weights.items()},
                   os.path.join(out, "checkpoint", peft_qlora.TRAINED_WEIGHTS))
