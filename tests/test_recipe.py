@@ -117,6 +117,12 @@ def test_serving_json_holds_what_the_classifier_needs_besides_the_weights(traine
                      "batch_size": 256, "precision": "fp32",
                      "task": {"kind": "classification", "text_columns": ["text"], "class_weights": None}}
     assert peft_qlora.Task.from_dict(peft_qlora.read_serving_settings(str(trained[0] / "model"))) == classes()
+    # serving.json as 721ac5c wrote it, every task's keys in one: read as the same task
+    earlier = {"label_names": ["neg", "pos"], "kind": "classification", "text_columns": ["text"], "threshold": 0.5,
+               "target_scale": 1.0, "target_mean": 0.0}
+    assert peft_qlora.Task.from_dict(earlier) == classes()
+    assert peft_qlora.Task.from_dict({**earlier, "kind": "regression", "label_names": ["score"],
+                                      "target_scale": 2.0}) == peft_qlora.Regression(["score"], target_scale=2.0)
 
 
 def test_a_model_too_large_to_copy_is_served_in_4bit(trained, monkeypatch):
