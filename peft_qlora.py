@@ -2131,13 +2131,18 @@ def graphed_trainer():
             key = (self.current_gradient_accumulation_steps, None if counted else num_items_in_batch)
             return self.step_graphs(step, tensors, key)
 
+        def train(self, *args, **kwargs):
+            result = super().train(*args, **kwargs)
+            if self.step_graphs is not None:  # None where no step was left to train (a run resumed at its end)
+                counts = self.step_graphs.counts
+                log.info("Micro-batches: %d replayed from %d CUDA graphs (their captures included), %d eager",
+                         counts["replayed"] + counts["captured"], counts["captured"], counts["eager"])
+            return result
+
         def record(self) -> dict:
-            if self.step_graphs is None:  # no step trained (a run resumed at its end)
+            if self.step_graphs is None:
                 return super().record()
-            counts = self.step_graphs.counts
-            log.info("Micro-batches: %d replayed from %d CUDA graphs (their captures included), %d eager",
-                     counts["replayed"] + counts["captured"], counts["captured"], counts["eager"])
-            return {**super().record(), "cuda_graphs": {**counts, "failure": self.step_graphs.failure}}
+            return {**super().record(), "cuda_graphs": {**self.step_graphs.counts, "failure": self.step_graphs.failure}}
 
     return GraphedTrainer
 
