@@ -119,8 +119,12 @@ class Config:
     max_length: int = _opt(512, "tokens kept per text, special tokens included (BERT's most; 14%% of IMDb's "
                            "reviews are longer, 44%% are longer than 256, and more tokens scored better)", "count")
     truncation: str = _opt("head+tail", "which tokens of a longer text to keep: the first, the last, or the first "
-                           "quarter and the last three quarters (a review's verdict is often at its end)",
-                           choices=["head", "tail", "head+tail"])
+                           "quarter and the last three quarters (a review's verdict is often at its end); windows: "
+                           "read it whole, as overlapping windows of --max-length tokens (each a training sample with "
+                           "the text's label; their outputs averaged to evaluate and predict)",
+                           choices=["head", "tail", "head+tail", "windows"])
+    window_stride: int | None = _opt(None, "--truncation windows: tokens from one window's start to the next's; auto: "
+                                     "half a window", "count", words=("auto",))
     # --- model and 4-bit quantization (NF4, double quantization, compute in the training precision) ---
     model: str = _opt("bert-base-uncased", "model on the hub or a local folder: any architecture transformers loads "
                       "for sequence classification, encoders and decoder LLMs alike")
@@ -163,6 +167,11 @@ class Config:
     cuda_graphs: str = _opt("auto", "auto: on a single CUDA GPU, replay each training step's forward and backward as a "
                             "CUDA graph, captured once per batch shape (eager with several processes, gradient "
                             "checkpointing or --compile); off: always eager", choices=["auto", "off"])
+    calibration: str = _opt("temperature", "after training, fit a temperature (one per label for multi-label) on "
+                            "held-out texts, so that predicted probabilities match how often the model is right: the "
+                            "validation texts, else up to 1,000 rows of the training data not trained on; it changes "
+                            "no predicted label; off: the probabilities as trained (a regression has none)",
+                            choices=["temperature", "off"])
     seed: int = _opt(42, "seed for the data subset, the new head, LoRA and the data order", type=int)
     # --- output ---
     output_dir: str = _opt("outputs/imdb_qlora",
@@ -212,6 +221,14 @@ class Config:
         if self.early_stopping and not self.validation_size:
             raise UserError("--early-stopping needs --validation-size: the epochs are compared on held-out "
                             "training texts, never on the test texts")
+        if self.window_stride and self.truncation != "windows":
+            raise UserError("--window-stride goes with --truncation windows")
+        if self.window_stride and self.window_stride >= self.max_length:
+            raise UserError(f"--window-stride {self.window_stride} is not smaller than the window (--max-length "
+                            f"{self.max_length}): windows would skip text; use a smaller stride")
+        if self.truncation == "windows" and len(self.text_column) == 2:
+            raise UserError("--truncation windows reads one long text as windows; a pair of texts is cut instead "
+                            "(--truncation head, tail or head+tail)")
         if self.lora_targets and "all-linear" in self.lora_targets and len(self.lora_targets) > 1:
             raise UserError("--lora-targets all-linear stands alone: it already names every 4-bit layer")
         if self.report_to != "none" and importlib.util.find_spec(self.report_to) is None:
@@ -277,6 +294,7 @@ def run(cfg: Config) -> dict:
         if texts.validation:  # where the per-epoch line starts
             metrics["validation_before"] = evaluate(trainer, texts.validation, task, "Validation before training")
         metrics["history"], metrics["training"] = train(trainer, task, len(texts.train))
+        task = calibrate(trainer, texts.calibration, task)  # a temperature for the probabilities (--calibration)
         metrics["after"] = evaluate(trainer, texts.test, task, "After training")  # the best epoch's, if kept
         metrics.update(describe_run(cfg, task, model_info, trainer, runtime))
         saved = save(trainer, metrics, cfg.model_dir)  # before the charts, so that drawing them cannot lose it
@@ -294,12 +312,13 @@ class Splits(NamedTuple):
     validation: Any  # held out of train (--validation-size), or None
     test: Any
     task: Task
+    calibration: Any = None  # held-out texts the temperature is fit on (--calibration), or None
 
 
 def load_data(cfg: Config) -> Splits:
     """The training and test texts, the task decided from their labels, subsets drawn, labels made what the loss
-    compares (class ids, 0/1 per label, targets as numbers in their own units), and the validation texts held
-    out."""
+    compares (class ids, 0/1 per label, targets as numbers in their own units), and the validation and calibration
+    texts held out."""
     from datasets import Dataset
     if cfg.train_file:
         splits = {"train": read_file(cfg.train_file, "--train-file"), "test": read_file(cfg.eval_file, "--eval-file")}
@@ -310,23 +329,62 @@ def load_data(cfg: Config) -> Splits:
     kind = decide_task(cfg.task, *(label_kind(labels[split], split, cfg.label_column) for split in ("train", "test")))
     class_names = getattr(splits["train"].features[cfg.label_column], "names", None)  # a ClassLabel's
     task, to_target, group = TASKS[kind].from_labels(labels, cfg, class_names)
-    out = []
-    for split, size, flag in (("train", cfg.train_size, "--train-size"), ("test", cfg.eval_size, "--eval-size")):
+
+    def table(split: str, rows: list[int]):
         texts, split_labels = columns[split]
-        if size is not None and size > len(split_labels):
-            raise UserError(f"{flag} {size} is more than the {len(split_labels)} rows of the {split} data: "
+        return Dataset.from_dict({**{name: [column[i] for i in rows] for name, column in
+                                    zip(("text", "text_pair"), texts)},
+                                  "labels": [to_target(split_labels[i]) for i in rows]})
+
+    chosen = {}
+    for split, size, flag in (("train", cfg.train_size, "--train-size"), ("test", cfg.eval_size, "--eval-size")):
+        if size is not None and size > len(labels[split]):
+            raise UserError(f"{flag} {size} is more than the {len(labels[split])} rows of the {split} data: "
                             f"ask for fewer, or {flag} all")
-        rows = balanced_subset(group(split_labels), size, cfg.seed) if size is not None else range(len(split_labels))
-        out.append(Dataset.from_dict({**{name: [column[i] for i in rows] for name, column in
-                                         zip(("text", "text_pair"), texts)},
-                                      "labels": [to_target(split_labels[i]) for i in rows]}))
-    train, validation = (hold_out(out[0], cfg.validation_size, cfg.seed, task.stratified) if cfg.validation_size
-                         else (out[0], None))
+        chosen[split] = (balanced_subset(group(labels[split]), size, cfg.seed) if size is not None
+                         else range(len(labels[split])))
+    train, test = table("train", chosen["train"]), table("test", chosen["test"])
+    validation = calibration = None
+    if cfg.validation_size:
+        train, validation = hold_out(train, cfg.validation_size, cfg.seed, task.stratified)
+    if cfg.calibration == "off" or not task.calibrates:
+        if cfg.calibration != "off":
+            log.info("Calibration: none, as a regression's outputs are scores, not probabilities")
+    elif validation:
+        calibration = validation
+    else:  # rows of the training data not drawn, as many as the test texts (50 to 1,000), drawn as those were
+        spare = sorted(set(range(len(labels["train"]))) - set(chosen["train"]))
+        wanted = max(MIN_CALIBRATION_TEXTS, min(CALIBRATION_TEXTS, len(test)))
+        if len(spare) >= MIN_CALIBRATION_TEXTS:
+            drawn = balanced_subset(group([labels["train"][i] for i in spare]), min(wanted, len(spare)), cfg.seed)
+            calibration = table("train", [spare[i] for i in drawn])
+        else:
+            train, calibration = hold_out_for_calibration(train, wanted, cfg.seed, task)
     task = task.fitted(train["labels"], cfg.class_weights == "balanced")
-    log.info("Data: %d training, %s%d test texts", len(train),
-             f"{len(validation)} validation and " if validation else "", len(out[1]))
+    log.info("Data: %d training, %s%d test texts%s", len(train),
+             f"{len(validation)} validation and " if validation else "", len(test),
+             f"; the temperature is fit on {len(calibration)} " + ("validation texts" if calibration is validation else
+                                                                  "others of the training data") if calibration else "")
     log.info("Task: %s", task.describe())
-    return Splits(train, validation, out[1], task)
+    return Splits(train, validation, test, task, calibration)
+
+
+# A temperature is one number (one per label): a few hundred texts fit it; more only cost an evaluation
+CALIBRATION_TEXTS = 1000
+MIN_CALIBRATION_TEXTS = 50
+
+
+def hold_out_for_calibration(train, wanted: int, seed: int, task: Task):
+    """(the rest, the calibration texts) where the training data has no rows to spare (--train-size all): a tenth
+    of the training texts, at most `wanted`, held out, which the model then does not train on."""
+    size = min(wanted, len(train) // 10)
+    if size < MIN_CALIBRATION_TEXTS:
+        raise UserError(f"--calibration temperature fits on held-out texts, and {len(train)} training texts leave too "
+                        f"few ({size}; at least {MIN_CALIBRATION_TEXTS}): train on a subset (--train-size), hold out "
+                        "--validation-size texts, or pass --calibration off")
+    log.info("Calibration: %d of the %d training texts held out to fit the temperature (the training data has no "
+             "other rows; --validation-size to choose them, --calibration off to train on all)", size, len(train))
+    return hold_out(train, size, seed, task.stratified)
 
 
 def read_file(path: str, flag: str):
@@ -512,6 +570,7 @@ class Task:
     label_names: list[str]  # the classes in id order; multi-label: the labels; regression: ["score"]
     text_columns: list[str] = field(default_factory=lambda: ["text"])  # one text per row, or a pair
     class_weights: list[float] | None = None  # --class-weights balanced: each class's (or label's) loss weight
+    temperature: list[float] | None = None  # --calibration: the outputs are divided by it (one per label, or one)
 
     kind: ClassVar[str]
     problem_type: ClassVar[str]  # transformers' name, which picks the model's own loss
@@ -520,6 +579,8 @@ class Task:
     labels_word: ClassVar[str] = "classes"
     stratified: ClassVar[bool] = False  # the validation texts held out evenly across the classes
     own_loss: ClassVar[bool] = True  # without class weights the model's own loss (problem_type's) is the task's
+    calibrates: ClassVar[bool] = True  # its outputs are probabilities, which a temperature can calibrate
+    per_label: ClassVar[bool] = False  # each output a probability of its own (multi-label), with its own temperature
     verdict: ClassVar[tuple[str, str]] = ("label", "predicted_label")  # predict()'s key, predict --file's column
     chart_file: ClassVar[str]  # the chart of where the trained model errs
 
@@ -616,9 +677,42 @@ class Task:
                 for name in self.label_names}
 
     def results(self, logits) -> list[dict]:
-        """What predict() says of each text: each class's (or label's) probability, and the verdict."""
-        return [{**{f"{name}_prob": p for name, p in zip(self.label_names, probs)}, self.verdict[0]: self.decide(probs)}
-                for probs in self.probabilities(logits)]
+        """What predict() says of each text: each class's (or label's) probability, calibrated, and the verdict,
+        which calibration does not change."""
+        return [{**{f"{name}_prob": p for name, p in zip(self.label_names, probs)}, self.verdict[0]: verdict}
+                for probs, verdict in zip(self.probabilities(logits), self.verdicts(logits.cpu().numpy()))]
+
+    def calibrated(self, logits):
+        """The outputs divided by the temperature (none before calibration): what the probabilities come from."""
+        return logits if self.temperature is None else logits / logits.new_tensor(self.temperature)
+
+    def fit_temperature(self, logits, labels) -> list[float]:
+        """The temperature (one per output for multi-label) that minimises the task's loss on held-out texts, as
+        Guo et al. (2017) fit it; dividing by one number keeps every output's order, so no predicted label changes."""
+        import torch
+        outputs, targets = torch.from_numpy(logits).double(), torch.from_numpy(labels)
+        log_t = torch.zeros(self.num_labels if self.per_label else 1, dtype=torch.float64, requires_grad=True)
+        optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
+
+        def loss():
+            optimizer.zero_grad()
+            value = self.summed_loss(outputs / log_t.exp(), targets, None)
+            value.backward()
+            return value
+
+        optimizer.step(loss)
+        return log_t.detach().clamp(-4, 4).exp().tolist()  # a label never seen held out would drift without end
+
+    def calibration(self, logits, labels) -> dict:
+        """Expected calibration error, log loss and Brier score of the probabilities as trained, and with the
+        temperature where there is one, each with its reliability diagram's bins."""
+        import torch
+        outputs = torch.from_numpy(logits).float()
+        figures = {"uncalibrated": self.calibration_figures(self.probabilities(outputs, calibrated=False), labels)}
+        if self.temperature is not None:
+            figures.update(temperature=self.temperature,
+                           calibrated=self.calibration_figures(self.probabilities(outputs), labels))
+        return {"calibration": figures}
 
     @property
     def result_columns(self) -> dict:
@@ -626,7 +720,10 @@ class Task:
         return {self.verdict[0]: self.verdict[1], **{f"{name}_prob": f"{name}_prob" for name in self.label_names}}
 
     def merge_head(self, model) -> None:
-        """Makes the merged export's head compute what predict() reports (regression: the score in its units)."""
+        """Makes the merged export's head compute what predict() reports: its outputs divided by the temperature
+        (regression: the score in its units)."""
+        if self.temperature is not None:
+            scale_outputs(output_layer(model, self), [1 / t for t in self.temperature])
 
 
 @dataclass(frozen=True)
@@ -696,11 +793,21 @@ class Classification(Task):
     def chart(self, metrics: dict):
         return confusion_chart(metrics["after"]["confusion_matrix"], self.label_names)
 
-    def probabilities(self, logits) -> list[list[float]]:
-        return logits.softmax(-1).tolist()
+    def probabilities(self, logits, calibrated: bool = True) -> list[list[float]]:
+        return (self.calibrated(logits) if calibrated else logits).softmax(-1).tolist()
 
-    def decide(self, probs: list[float]) -> str:
-        return self.label_names[max(range(len(probs)), key=probs.__getitem__)]
+    def verdicts(self, outputs) -> list[str]:
+        return [self.label_names[i] for i in outputs.argmax(-1)]
+
+    def calibration_figures(self, probs, labels) -> dict:
+        """Of the most probable class: how sure, and how often right (the reliability diagram); the log loss and
+        the Brier score (summed over the classes) of every class's probability."""
+        import numpy as np
+        probs = np.asarray(probs)
+        chosen = probs[np.arange(len(labels)), labels]
+        return {**reliability(probs.max(-1), probs.argmax(-1) == labels),
+                "log_loss": float(-np.log(np.clip(chosen, 1e-12, 1)).mean()),
+                "brier": float(((probs - np.eye(self.num_labels)[labels]) ** 2).sum(-1).mean())}
 
 
 @dataclass(frozen=True)
@@ -713,6 +820,7 @@ class MultiLabel(Task):
     problem_type = "multi_label_classification"
     metric_names = ("f1_micro", "f1_macro", "subset_accuracy")  # subset: every label of the text right
     labels_word = "labels"
+    per_label = True
     weights_said = "Weights of each label's positive texts"
     verdict = ("labels", "predicted_labels")
     chart_file = "label_f1.png"
@@ -792,11 +900,22 @@ class MultiLabel(Task):
     def chart(self, metrics: dict):
         return label_f1_chart(metrics["before"]["per_label"], metrics["after"]["per_label"])
 
-    def probabilities(self, logits) -> list[list[float]]:
-        return logits.sigmoid().tolist()
+    def probabilities(self, logits, calibrated: bool = True) -> list[list[float]]:
+        return (self.calibrated(logits) if calibrated else logits).sigmoid().tolist()
 
-    def decide(self, probs: list[float]) -> list[str]:
-        return [name for name, p in zip(self.label_names, probs) if p > self.threshold]
+    def verdicts(self, outputs) -> list[list[str]]:
+        """The labels over the threshold as trained and evaluated: --threshold is a probability before
+        calibration, so calibration changes no label (at 0.5 the calibrated probabilities agree)."""
+        return [[name for name, on in zip(self.label_names, row) if on] for row in self.predicted(outputs)]
+
+    def calibration_figures(self, probs, labels) -> dict:
+        """Of every label of every text, as a yes/no question: how sure, how often yes, the log loss and the Brier
+        score."""
+        import numpy as np
+        p, y = np.asarray(probs).reshape(-1), labels.reshape(-1)
+        clipped = np.clip(p, 1e-12, 1 - 1e-12)
+        return {**reliability(p, y), "log_loss": float(-(y * np.log(clipped) + (1 - y) * np.log(1 - clipped)).mean()),
+                "brier": float(((p - y) ** 2).mean())}
 
 
 @dataclass(frozen=True)
@@ -814,6 +933,7 @@ class Regression(Task):
     metric_names = ("rmse", "pearson", "mae", "spearman", "r2")  # in the target's own units
     greater_is_better = False
     own_loss = False
+    calibrates = False
     blank_label = 0.0
     verdict = ("score", "predicted_score")
     chart_file = "predicted_vs_true.png"
@@ -903,6 +1023,9 @@ class Regression(Task):
     def probabilities(self, logits):
         raise UserError("a regression model gives scores, not probabilities: call the Classifier, or predict()")
 
+    def calibration(self, logits, labels) -> dict:
+        return {}
+
     def results(self, logits) -> list[dict]:
         """Each text's predicted value, in the target's units."""
         return [{"score": score} for score in (logits[:, 0] * self.target_scale).tolist()]
@@ -913,15 +1036,23 @@ class Regression(Task):
 
     def merge_head(self, model) -> None:
         """The output in the target's units, as a pipeline returns it unchanged."""
-        import torch
-        layer = output_layer(model, self)
-        with torch.no_grad():
-            for tensor in (layer.weight, layer.bias):
-                if tensor is not None:
-                    tensor.mul_(self.target_scale)
+        scale_outputs(output_layer(model, self), [self.target_scale])
 
 
 TASKS = {task.kind: task for task in (Classification, MultiLabel, Regression)}
+
+
+def reliability(confidence, outcome, bins: int = 15) -> dict:
+    """The expected calibration error of these probabilities (how sure) against what happened (1 or 0): the
+    mean gap between them in each of `bins` equal-width bins of confidence, weighted by the bin's share of the
+    probabilities; and the bins, as the reliability diagram draws them."""
+    import numpy as np
+    confidence, outcome = np.asarray(confidence, dtype=float), np.asarray(outcome, dtype=float)
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    rows = [{"confidence": float(confidence[which == b].mean()), "accuracy": float(outcome[which == b].mean()),
+             "count": int((which == b).sum())} for b in range(bins) if (which == b).any()]
+    return {"ece": sum(r["count"] * abs(r["accuracy"] - r["confidence"]) for r in rows) / len(confidence),
+            "bins": rows}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -943,6 +1074,10 @@ def check_model(cfg: Config):
     positions = min(tokenizer.model_max_length, getattr(config, "max_position_embeddings", None) or 10**9)
     if cfg.max_length > positions:
         raise UserError(f"--max-length {cfg.max_length} is more than {cfg.model} reads ({positions} tokens)")
+    window = cfg.max_length - tokenizer.num_special_tokens_to_add()
+    if cfg.window_stride and cfg.window_stride >= window:
+        raise UserError(f"--window-stride {cfg.window_stride} is not smaller than the window ({window} tokens of text "
+                        f"in --max-length {cfg.max_length}): windows would skip text; use a smaller stride")
     return tokenizer
 
 
@@ -1073,6 +1208,16 @@ def output_layer(model, task: Task):
     return layers[-1]
 
 
+def scale_outputs(layer, factors: list[float]) -> None:
+    """Multiplies each output of a linear layer by its factor (one factor: all of them), in place."""
+    import torch
+    with torch.no_grad():
+        scale = torch.tensor(factors, dtype=layer.weight.dtype, device=layer.weight.device)
+        layer.weight.mul_(scale[:, None])
+        if layer.bias is not None:
+            layer.bias.mul_(scale)
+
+
 # ----------------------------------------------------------------------------------------------
 # Step 3: the texts as tokens
 
@@ -1081,47 +1226,84 @@ class Tokenized(NamedTuple):
     train: Any
     validation: Any  # or None
     test: Any
+    calibration: Any = None
 
 
 def tokenize_splits(data: Splits, tokenizer, cfg: Config) -> Tokenized:
     """Each split tokenised once; the evaluated ones sorted by length, so that texts of similar length share a
     batch (their order does not matter)."""
     def tokens(dataset, sort_by_length: bool):
-        return dataset and tokenize(dataset, tokenizer, cfg.max_length, cfg.truncation, sort_by_length)
+        return dataset and tokenize(dataset, tokenizer, cfg.max_length, cfg.truncation, cfg.window_stride,
+                                    sort_by_length)
 
-    return Tokenized(tokens(data.train, False), tokens(data.validation, True), tokens(data.test, True))
+    train, validation, test = tokens(data.train, False), tokens(data.validation, True), tokens(data.test, True)
+    calibration = validation if data.calibration is data.validation else tokens(data.calibration, True)
+    texts = Tokenized(train, validation, test, calibration)
+    if cfg.truncation == "windows":
+        log.info("Windows of %d tokens: %s", cfg.max_length, ", ".join(
+            f"{len(set(dataset['text_index']))} {name} texts as {len(dataset)}" for name, dataset
+            in zip(texts._fields, texts) if dataset and (name != "calibration" or calibration is not validation)))
+    return texts
 
 
-def tokenize(dataset, tokenizer, max_length: int, truncation: str, sort_by_length: bool = False):
-    """Token ids of every text (encode); padding happens per batch, so short texts stay cheap."""
+def tokenize(dataset, tokenizer, max_length: int, truncation: str, stride: int | None = None,
+             sort_by_length: bool = False):
+    """Token ids of every text (encode); padding happens per batch, so short texts stay cheap. With --truncation
+    windows a row per window, with its text's label and its text's index (text_index)."""
+    def encoded(batch: dict, indices: list[int]) -> dict:
+        out = encode(tokenizer, batch["text"], max_length, truncation, batch.get("text_pair"), stride)
+        rows = out.pop("text_of_row", None)
+        if rows is not None:
+            out.update(labels=[batch["labels"][i] for i in rows], text_index=[indices[i] for i in rows])
+        return out
+
     texts = [name for name in ("text", "text_pair") if name in dataset.column_names]
-    dataset = dataset.map(lambda batch: encode(tokenizer, batch["text"], max_length, truncation,
-                                               batch["text_pair"] if "text_pair" in batch else None),
-                          batched=True, remove_columns=texts, desc="Tokenising")
+    dataset = dataset.map(encoded, batched=True, with_indices=True, desc="Tokenising",
+                          remove_columns=texts + (["labels"] if truncation == "windows" else []))
     if sort_by_length:
         lengths = [len(ids) for ids in dataset["input_ids"]]
         dataset = dataset.select(sorted(range(len(lengths)), key=lengths.__getitem__))
     return dataset
 
 
-def encode(tokenizer, texts: list[str], max_length: int, truncation: str, pairs: list[str] | None = None) -> dict:
+def encode(tokenizer, texts: list[str], max_length: int, truncation: str, pairs: list[str] | None = None,
+           stride: int | None = None) -> dict:
     """Token ids of each text, or of each pair of texts (texts[i], pairs[i]) in the tokenizer's pair template, cut to
-    max_length (special tokens included) by kept_positions. With pairs also token_type_ids, where the model reads
-    them (BERT: 0 for the first text and its [CLS] [SEP], 1 for the second)."""
+    max_length (special tokens included) by kept_positions, or read as windows (window_positions), a row each, with
+    text_of_row saying whose. With pairs also token_type_ids, where the model reads them (BERT: 0 for the first text
+    and its [CLS] [SEP], 1 for the second)."""
     # Whole texts, cut below; verbose=False drops the "longer than the maximum length" warning this would raise
     tokens = tokenizer(texts, pairs, return_special_tokens_mask=True, verbose=False)
     columns = ["input_ids"] + (["token_type_ids"] if pairs and "token_type_ids" in tokenizer.model_input_names else [])
     encoded = {name: [] for name in columns}
+    windows = truncation == "windows"
+    if windows:
+        encoded["text_of_row"] = []
     for row, ids in enumerate(tokens["input_ids"]):
-        keep = range(len(ids))
+        kept = [range(len(ids))]
         if len(ids) > max_length:
             # which text each token is of: None for special tokens, 0 for the text, 1 for a pair's second text
             parts = (tokens.sequence_ids(row) if pairs else
                      [None if special else 0 for special in tokens["special_tokens_mask"][row]])
-            keep = kept_positions(parts, max_length, truncation)
-        for name in columns:
-            encoded[name].append([tokens[name][row][i] for i in keep])
+            kept = (window_positions(parts, max_length, stride) if windows else
+                    [kept_positions(parts, max_length, truncation)])
+        for keep in kept:
+            for name in columns:
+                encoded[name].append([tokens[name][row][i] for i in keep])
+            if windows:
+                encoded["text_of_row"].append(row)
     return encoded
+
+
+def window_positions(parts: list[int | None], max_length: int, stride: int | None) -> list[list[int]]:
+    """The windows over a too-long text's positions: each its special tokens (None in parts) around as many of its
+    tokens as max_length leaves room for, a window starting every `stride` tokens (default half a window), the last
+    ending where the text ends."""
+    text = [i for i, part in enumerate(parts) if part is not None]
+    before, after = list(range(text[0])), list(range(text[-1] + 1, len(parts)))
+    size = max_length - len(before) - len(after)
+    starts = list(range(0, len(text) - size, stride or max(1, size // 2))) + [len(text) - size]
+    return [before + text[start:start + size] + after for start in starts]
 
 
 def kept_positions(parts: list[int | None], max_length: int, truncation: str) -> list[int]:
@@ -1172,12 +1354,48 @@ def evaluate(trainer, dataset, task: Task, phase: str) -> dict:
     """The task's metrics and the loss on the dataset, with where the model errs (Task.details)."""
     with explain_out_of_memory(f"evaluating ({phase.lower()})", "lower --eval-batch-size or --max-length"):
         output = trainer.predict(dataset, metric_key_prefix="eval")
+    logits, labels = by_text(output.predictions, output.label_ids, dataset)
     raw = output.metrics
-    metrics = {**{name: raw[f"eval_{name}"] for name in task.metric_names}, "loss": raw["eval_loss"],
-               "runtime_s": raw["eval_runtime"], "samples_per_s": raw["eval_samples_per_second"],
-               **task.details(output.predictions, output.label_ids)}
+    metrics = {**task.metrics(logits, labels), "loss": raw["eval_loss"], "runtime_s": raw["eval_runtime"],
+               "samples_per_s": raw["eval_samples_per_second"], **task.details(logits, labels),
+               **task.calibration(logits, labels)}
     log.info("%s: %s (%.1f s)", phase, task.headline(metrics), metrics["runtime_s"])
+    if "calibrated" in metrics.get("calibration", {}):
+        before, after = metrics["calibration"]["uncalibrated"], metrics["calibration"]["calibrated"]
+        log.info("Calibrated on the test texts: expected calibration error %.3f -> %.3f, log loss %.3f -> %.3f, "
+                 "Brier score %.3f -> %.3f", before["ece"], after["ece"], before["log_loss"], after["log_loss"],
+                 before["brier"], after["brier"])
     return metrics
+
+
+def by_text(outputs, labels, dataset):
+    """Each text's outputs and label, in order: a text read as windows (--truncation windows) gets the mean of its
+    windows' outputs, each window as much a part of it as any other (for one label per text, the geometric mean of
+    their probabilities; for multi-label, a label is found where the windows together say so)."""
+    if "text_index" not in dataset.column_names:
+        return outputs, labels
+    import numpy as np
+    _, rows, counts = np.unique(dataset["text_index"], return_inverse=True, return_counts=True)
+    combined = np.zeros((len(counts), *outputs.shape[1:]), dtype=np.float64)
+    np.add.at(combined, rows, outputs)
+    first = np.full(len(counts), len(rows))
+    np.minimum.at(first, rows, np.arange(len(rows)))
+    return (combined / counts.reshape(-1, *[1] * (outputs.ndim - 1))).astype(outputs.dtype), labels[first]
+
+
+def calibrate(trainer, dataset, task: Task) -> Task:
+    """The task with a temperature fit on the held-out texts (--calibration), or as it was without them."""
+    if dataset is None:
+        return task
+    with explain_out_of_memory("calibrating", "lower --eval-batch-size or --max-length"):
+        output = trainer.predict(dataset, metric_key_prefix="eval")
+    logits, labels = by_text(output.predictions, output.label_ids, dataset)
+    calibrated = replace(task, temperature=task.fit_temperature(logits, labels))
+    figures = calibrated.calibration(logits, labels)["calibration"]
+    log.info("Calibration: temperature %s, fit on %d held-out texts (their log loss %.3f -> %.3f)",
+             ", ".join(f"{t:.3f}" for t in calibrated.temperature), len(labels),
+             figures["uncalibrated"]["log_loss"], figures["calibrated"]["log_loss"])
+    return calibrated
 
 
 def train(trainer, task: Task, texts: int) -> tuple[list[dict], dict]:
@@ -1254,7 +1472,8 @@ def save(trainer, metrics: dict, model_dir: str) -> bool:
         return False
     model, weights = adapter
     serving = {"label_names": metrics["label_names"], "max_length": metrics["config"]["max_length"],
-               "truncation": metrics["config"]["truncation"], "batch_size": metrics["batches"]["eval_batch"],
+               "truncation": metrics["config"]["truncation"], "window_stride": metrics["config"]["window_stride"],
+               "batch_size": metrics["batches"]["eval_batch"],
                "precision": metrics["precision"],
                "task": {key: value for key, value in metrics["task"].items() if key != "label_names"}}
     with replaced_whole(model_dir) as staging:
@@ -1263,9 +1482,89 @@ def save(trainer, metrics: dict, model_dir: str) -> bool:
         for name, content in (("metrics.json", metrics), (SERVING_FILE, serving)):
             with open(os.path.join(staging, name), "w") as f:
                 json.dump(content, f, indent=2)
+        model_card(metrics, model_dir).save(os.path.join(staging, "README.md"))  # in place of peft's template
     shutil.rmtree(trainer.args.output_dir)
     log.info("Saved the model to %s", model_dir)
     return True
+
+
+def model_card(metrics: dict, folder: str, merged: bool = False):
+    """The folder's README.md, as the Hub and the tools around it read it (huggingface_hub's ModelCard): YAML
+    metadata (the base model, the library, the pipeline tag, tags, the dataset where it is the hub's, the test
+    metrics), then the run's settings, its results before and after training, how to load and call the model, and
+    the charts drawn."""
+    import math
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+    cfg, task = metrics["config"], Task.from_dict({**metrics["task"], "label_names": metrics["label_names"]})
+    on_hub = not os.path.exists(cfg["model"])  # a local folder is no base_model the Hub knows
+    data_name = cfg["dataset"] or os.path.basename(cfg["eval_file"])
+    path = os.path.abspath(folder)
+    name = os.path.basename(os.path.dirname(path) if os.path.basename(path) == MODEL_FOLDER else path)
+    after = metrics["after"]
+    data = ModelCardData(
+        base_model=cfg["model"] if on_hub else None, library_name="transformers" if merged else "peft",
+        pipeline_tag="text-classification", tags=["qlora", "lora", "peft", "4-bit", "bitsandbytes", task.kind],
+        datasets=[cfg["dataset"]] if cfg["dataset"] else None, metrics=list(task.metric_names), model_name=name,
+        eval_results=[EvalResult(task_type="text-classification", dataset_type=cfg["dataset"] or "local",
+                                 dataset_name=data_name, dataset_split="test", metric_type=metric,
+                                 metric_value=round(float(after[metric]), 4))
+                      for metric in task.metric_names if math.isfinite(after[metric])])
+    rows = "\n".join(f"| {METRIC_NAMES[m]} | {metrics['before'][m]:.4f} | {after[m]:.4f} |" for m in task.metric_names)
+    calibration = after.get("calibration", {})
+    calibrated = ("" if "calibrated" not in calibration else
+                  f"\nProbabilities are calibrated (temperature {', '.join(f'{t:.3f}' for t in calibration['temperature'])}"
+                  f"): expected calibration error on the test texts {calibration['uncalibrated']['ece']:.3f} as "
+                  f"trained, {calibration['calibrated']['ece']:.3f} calibrated.\n")
+    settings = ("model", "dataset", "train_file", "eval_file", "train_size", "eval_size", "validation_size",
+                "max_length", "truncation", "window_stride", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
+                "epochs", "learning_rate", "batch_size", "class_weights", "calibration", "seed")
+    use = (f"""```python
+from transformers import pipeline
+
+classify = pipeline("text-classification", model="{folder}")
+classify("A wonderful film.")
+```""" if merged else f"""```python
+from peft_qlora import Classifier, predict
+
+predict("A wonderful film.", model_dir="{folder}")
+classifier = Classifier.load("{folder}")
+classifier(["A wonderful film.", "A dull one."])
+```
+
+From the shell: `python peft_qlora.py predict --model-dir {folder} "A wonderful film."`, or a whole file with
+`--file reviews.csv --output predictions.csv`; `python peft_qlora.py export --model-dir {folder} --merged OUT` writes
+a plain transformers model that `pipeline("text-classification", model=OUT)` loads.""")
+    charts = ["bar_chart.png", "line_chart.png", task.chart_file] + (["reliability.png"] if calibrated else [])
+    what = (f"QLoRA fine-tuning of {cfg['model']} (4-bit NF4 base, LoRA r={cfg['lora_r']}, alpha={cfg['lora_alpha']}) "
+            f"for {task.describe()}, with peft_qlora.py, on {data_name}")
+    body = f"""
+# {name}
+
+{what}{": LoRA merged into the dequantized base, a plain transformers model" if merged else ""}.
+
+## Results on the test texts{" (of the 4-bit model it was merged from)" if merged else ""}
+
+| metric | before training | after training |
+| --- | --- | --- |
+{rows}
+{calibrated}
+## Settings
+
+| setting | value |
+| --- | --- |
+""" + "\n".join(f"| {key} | {cfg[key]} |" for key in settings if cfg.get(key) is not None) + f"""
+| precision | {metrics["precision"]} |
+| device | {metrics["device"]} |
+
+## How to use
+
+{use}
+
+## Charts
+
+Drawn by the training run into {cfg["images_dir"]}: {", ".join(charts)}.
+"""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1277,6 +1576,8 @@ def draw(metrics: dict, task: Task, images_dir: str) -> list[str]:
     picks the best epoch, per epoch; and the task's chart of where the trained model errs (Task.chart_file)."""
     figures = {"bar_chart.png": bar_chart(metrics, task), "line_chart.png": line_chart(metrics, task),
                task.chart_file: task.chart(metrics)}
+    if "calibrated" in metrics["after"].get("calibration", {}):
+        figures["reliability.png"] = reliability_chart(metrics["after"]["calibration"], task)
     paths = [os.path.join(images_dir, name) for name in figures]
     try:
         os.makedirs(images_dir, exist_ok=True)
@@ -1339,6 +1640,28 @@ def line_chart(metrics: dict, task: Task):
     ax.set_title(f"{METRIC_NAMES[name][0].upper()}{METRIC_NAMES[name][1:]} per epoch")
     ax.legend(loc="lower right" if task.greater_is_better else "upper right")
     return line
+
+
+def reliability_chart(calibration: dict, task: Task):
+    """The reliability diagram on the test texts before and after calibration: in each bin of confidence, how often
+    the model was right against how sure it was (multi-label: how often a label was there against its
+    probability); a calibrated model's points lie on the diagonal."""
+    from matplotlib.figure import Figure
+    figure = Figure(figsize=(6, 5), layout="constrained")
+    ax = figure.subplots()
+    ax.plot([0, 1], [0, 1], color="gray", linestyle="--", label="perfectly calibrated")
+    for key, name in (("uncalibrated", "as trained"), ("calibrated", "calibrated")):
+        bins = calibration[key]["bins"]
+        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o",
+                label=f"{name} (expected calibration error {calibration[key]['ece']:.3f})")
+    sure = "probability of each label" if task.per_label else "probability of the predicted class"
+    ax.set_xlabel(f"{sure} (bins of 1/15)")
+    ax.set_ylabel("share of labels present" if task.per_label else "share predicted right")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title("Reliability on the test set")
+    ax.legend(loc="upper left")
+    return figure
 
 
 def label_f1_chart(before: dict, after: dict):
@@ -1417,9 +1740,9 @@ class Classifier:
     """
 
     def __init__(self, model, tokenizer, task: Task, max_length: int, truncation: str, runtime: Runtime,
-                 batch_size: int):
+                 batch_size: int, window_stride: int | None = None):
         self.model, self.tokenizer, self.task, self.runtime = model, tokenizer, task, runtime
-        self.max_length, self.truncation = max_length, truncation
+        self.max_length, self.truncation, self.window_stride = max_length, truncation, window_stride
         self.batch_size = batch_size  # the evaluation batch the training run chose, unless a call gives another
 
     @property
@@ -1433,7 +1756,7 @@ class Classifier:
         with quiet_transformers():
             model, tokenizer, settings, runtime = load_trained(model_dir)
             return cls(serving_model(model, runtime), tokenizer, Task.from_dict(settings), settings["max_length"],
-                       settings["truncation"], runtime, settings["batch_size"])
+                       settings["truncation"], runtime, settings["batch_size"], settings.get("window_stride"))
 
     def __call__(self, texts, batch_size: int | None = None):
         """One text or pair (returns a dict) or a list of them (returns a list of dicts), as predict()."""
@@ -1447,7 +1770,8 @@ class Classifier:
         return self.task.probabilities(self.logits(texts, batch_size))
 
     def logits(self, texts: list, batch_size: int | None = None):
-        """The model's outputs for each text (or pair), in batches, truncated to the training length, in order."""
+        """The model's outputs for each text (or pair), in batches, truncated to the training length (or the mean of
+        its windows' outputs), in order."""
         import torch
         batch_size = batch_size or self.batch_size
         device = self.runtime.device
@@ -1458,26 +1782,31 @@ class Classifier:
         order = sorted(range(len(texts)), key=length)
         batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
 
-        def prepare(batch: list[int]):
+        def prepare(batch: list[int]):  # (the batches of rows, the text each row is of): windows add rows
             chosen = [texts[i] for i in batch]
             encoded = encode(self.tokenizer, [t[0] for t in chosen] if self.task.pairs else chosen, self.max_length,
-                             self.truncation, [t[1] for t in chosen] if self.task.pairs else None)
-            tensors = pad_batch(encoded, self.tokenizer.pad_token_id, self.runtime)
+                             self.truncation, [t[1] for t in chosen] if self.task.pairs else None, self.window_stride)
+            rows = encoded.pop("text_of_row", range(len(batch)))
+            pieces = [pad_batch({name: ids[start:start + batch_size] for name, ids in encoded.items()},
+                                self.tokenizer.pad_token_id, self.runtime) for start in range(0, len(rows), batch_size)]
             # pinned, the copies to the GPU wait for nothing
-            return {k: t.pin_memory() for k, t in tensors.items()} if device.type == "cuda" else tensors
+            pieces = [{k: t.pin_memory() for k, t in p.items()} if device.type == "cuda" else p for p in pieces]
+            return pieces, [batch[row] for row in rows]
 
-        logits = []
+        logits, owners = [], []
         with torch.inference_mode(), autocast, attention_kernels(device):
-            for tensors in prepared_ahead(prepare, batches):
-                with explain_out_of_memory(f"predicting in batches of {batch_size}", "pass a smaller batch_size "
-                                           "(--batch-size in the shell)"):
-                    # The logits stay on the device: nothing here waits for the GPU to finish a batch
-                    logits.append(self.model(**{k: t.to(device, non_blocking=True) for k, t in tensors.items()})
-                                  .logits.float())
+            for pieces, owned in prepared_ahead(prepare, batches):
+                owners += owned
+                for tensors in pieces:
+                    with explain_out_of_memory(f"predicting in batches of {batch_size}", "pass a smaller batch_size "
+                                               "(--batch-size in the shell)"):
+                        # The logits stay on the device: nothing here waits for the GPU to finish a batch
+                        logits.append(self.model(**{k: t.to(device, non_blocking=True) for k, t in tensors.items()})
+                                      .logits.float())
         outputs = torch.cat(logits)
-        ordered = torch.empty_like(outputs)
-        ordered[torch.tensor(order, device=outputs.device)] = outputs
-        return ordered
+        owners = torch.tensor(owners, device=outputs.device)
+        summed = outputs.new_zeros(len(texts), outputs.shape[1]).index_add_(0, owners, outputs)
+        return summed / torch.bincount(owners, minlength=len(texts))[:, None]  # each text's mean over its windows
 
 
 def prepared_ahead(prepare, batches: list, ahead: int = 2):
@@ -1722,13 +2051,20 @@ def export_merged(model_dir: str, out: str) -> str:
         dtype = torch.bfloat16 if settings["precision"] == "bf16" else torch.float16  # fp16 for a T4
         merged.to(dtype)
         tokenizer.model_max_length = settings["max_length"]  # where the pipeline truncates
+        with open(os.path.join(model_dir, "metrics.json")) as f:
+            metrics = json.load(f)
         with replaced_whole(out) as staging:
             merged.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
+            model_card(metrics, out, merged=True).save(os.path.join(staging, "README.md"))
     log.info("Wrote %s: %s in %s with LoRA merged, %s", out, type(merged).__name__, str(dtype)[6:], task.describe())
     if settings["truncation"] != "head":
         log.info("pipeline(..., truncation=True) keeps the first %d tokens of a longer text; this model was trained "
-                 "on their %s", settings["max_length"], settings["truncation"])
+                 "on %s, as predict() reads them", settings["max_length"],
+                 "windows of them" if settings["truncation"] == "windows" else f"their {settings['truncation']}")
+    if task.temperature is not None:
+        log.info("The calibration's temperature is folded into the head: the pipeline's probabilities are "
+                 "calibrated, as predict()'s are")
     return out
 
 
@@ -1849,16 +2185,17 @@ def make_trainer(cfg: Config, model, tokenizer, texts: Tokenized, task: Task, ru
         from transformers.integrations import TensorBoardCallback
         callbacks.append(TensorBoardCallback(SummaryWriter(os.path.join(cfg.output_dir, "logs"))))
     trainer_class = {"graphs": graphed_trainer, "sharded": sharded_trainer, "eager": recipe_trainer}[path]()
+    evaluated = texts.validation or texts.test  # what each epoch is evaluated on
     trainer = trainer_class(
         plan=plan, resume_from=resume_from, schedule=schedule,
         model=model, args=training_arguments(cfg, task, plan, runtime, checkpoints, bool(texts.validation)),
         # --batching tokens: each row a micro-batch filled to what choose_batches measured
         train_dataset=(batch_by_tokens(texts.train, plan.micro_batch * runtime.padded(cfg.max_length), runtime,
                                        cfg.seed) if cfg.batching == "tokens" else texts.train),
-        eval_dataset=texts.validation or texts.test,  # what each epoch is evaluated on
+        eval_dataset=evaluated,
         data_collator=functools.partial(collate, pad_id=tokenizer.pad_token_id, runtime=runtime),
         processing_class=tokenizer, callbacks=callbacks, compute_loss_func=task.loss_function(model),
-        compute_metrics=lambda evaluated: task.metrics(evaluated.predictions, evaluated.label_ids))
+        compute_metrics=lambda output: task.metrics(*by_text(output.predictions, output.label_ids, evaluated)))
     trainer.remove_callback(ProgressCallback)  # for one that prints less
     trainer.add_callback(epoch_progress(task))
     if runtime.fsdp:  # the Trainer was made with the unwrapped model, which it inspects, and trains the sharded one
@@ -1929,7 +2266,7 @@ def collate(rows: list[dict], pad_id: int, runtime: Runtime) -> dict:
             texts += [dict(zip(row, values)) for values in zip(*row.values())]
         else:
             texts.append(row)
-    inputs = [name for name in texts[0] if name != "labels"]
+    inputs = [name for name in texts[0] if name not in ("labels", "text_index")]
     batch = pad_batch({name: [text[name] for text in texts] for name in inputs}, pad_id, runtime)
     batch["labels"] = torch.tensor([text["labels"] for text in texts])
     return batch
@@ -1955,8 +2292,18 @@ def recipe_trainer():
                 return super().train(*args, **kwargs)
 
         def predict(self, *args, **kwargs):
-            with attention_kernels(self.args.device):
-                return super().predict(*args, **kwargs)
+            """The outputs and the loss; the recipe's evaluate computes the metrics, of each text (by_text)."""
+            compute_metrics, self.compute_metrics = self.compute_metrics, None
+            try:
+                with attention_kernels(self.args.device):
+                    return super().predict(*args, **kwargs)
+            finally:
+                self.compute_metrics = compute_metrics
+
+        def _get_eval_sampler(self, eval_dataset):
+            """The evaluated texts in their order (sorted by length already), which by_text reads each row's text
+            from: transformers would group them by length at random as it groups the training texts."""
+            return torch.utils.data.SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
 
         def record(self) -> dict:
             """What metrics.json says of how training ran: the peak memory, the checkpoints written."""

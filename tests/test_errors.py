@@ -22,7 +22,8 @@ def good_csv(tmp_path):
 
 def with_data(data_file, *args):
     """Good data, so the run gets as far as the model."""
-    return ["--train-file", data_file, "--eval-file", data_file, "--train-size", "all", "--eval-size", "all", *args]
+    return ["--train-file", data_file, "--eval-file", data_file, "--train-size", "all", "--eval-size", "all",
+            "--calibration", "off", *args]
 
 
 def vision_model(folder):
