@@ -183,6 +183,44 @@ def test_truncation_keeps_the_head_the_tail_or_both(truncation, kept, tmp_path):
     assert tokenizer.decode(short) == "[CLS] three four [SEP]"
 
 
+@pytest.mark.parametrize("stride, starts", [(None, [0, 3, 6, 9, 11]), (4, [0, 4, 8, 11])])
+def test_windows_read_a_long_text_whole_in_overlapping_windows(stride, starts, tmp_path):
+    from transformers import BertTokenizer
+
+    words = ("one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+             "seventeen").split()
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tokenizer = BertTokenizer(vocab=str(vocab))
+    encoded = peft_qlora.encode(tokenizer, ["one two", " ".join(words)], max_length=8, truncation="windows",
+                                stride=stride)  # windows of 6 words, the last ending at the text's end
+    assert encoded["text_of_row"] == [0] + [1] * len(starts)
+    windows = [tokenizer.decode(ids) for ids in encoded["input_ids"]]
+    assert windows[0] == "[CLS] one two [SEP]", "a text that fits is one window"
+    assert windows[1:] == [f"[CLS] {' '.join(words[s:s + 6])} [SEP]" for s in starts]
+
+
+def test_windows_evaluate_and_predict_each_text_once(calibrated):
+    import re
+
+    import torch
+
+    out, result = calibrated
+    seen = re.search(r"Windows of 32 tokens: 64 train texts as (\d+), 32 test texts as (\d+), 50 calibration texts "
+                     r"as (\d+)", result.stderr)
+    assert seen and all(int(n) > texts for n, texts in zip(seen.groups(), (64, 32, 50))), result.stderr[-2000:]
+    metrics = json.loads((out / "model" / "metrics.json").read_text())
+    assert sum(map(sum, metrics["after"]["confusion_matrix"])) == 32, "each test text counted once"
+    classifier = peft_qlora.Classifier.load(str(out / "model"))
+    text = "A film I will think about for a long time: " * 20
+    windows = peft_qlora.encode(classifier.tokenizer, [text], 32, "windows", stride=20)
+    assert len(windows["input_ids"]) > 3
+    with torch.inference_mode():
+        each = [classifier.model(input_ids=torch.tensor([ids])).logits[0] for ids in windows["input_ids"]]
+    assert classifier.logits([text], batch_size=2)[0].tolist() == pytest.approx(torch.stack(each).mean(0).tolist(),
+                                                                                abs=1e-5)
+
+
 def test_eval_labels_unseen_in_training_are_refused(tmp_path):
     train = write_jsonl(tmp_path / "t.jsonl", [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}])
     evaluation = write_jsonl(tmp_path / "e.jsonl", [{"text": "a", "label": "z"}])
