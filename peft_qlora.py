@@ -167,6 +167,10 @@ class Config:
     cuda_graphs: str = _opt("auto", "auto: on a single CUDA GPU, replay each training step's forward and backward as a "
                             "CUDA graph, captured once per batch shape (eager with several processes, gradient "
                             "checkpointing or --compile); off: always eager", choices=["auto", "off"])
+    search: int | None = _opt(None, "try N settings with Optuna (learning rate, LoRA rank and targets, epochs; the "
+                              "first trial the given ones), each trained on the training texts and scored on the "
+                              "validation texts (needs --validation-size), a trial whose first epoch is in the bottom "
+                              "quarter stopped there; the best settings then train the saved model", "count")
     calibration: str = _opt("temperature", "after training, fit a temperature (one per label for multi-label) on "
                             "held-out texts, so that predicted probabilities match how often the model is right: the "
                             "validation texts, else up to 1,000 rows of the training data not trained on; it changes "
@@ -218,6 +222,9 @@ class Config:
         if self.micro_batch_size and self.batch_size % self.micro_batch_size:
             raise UserError(f"--batch-size {self.batch_size} is not a multiple of --micro-batch-size "
                             f"{self.micro_batch_size}: each optimizer step adds up whole micro-batches")
+        if self.search and not self.validation_size:
+            raise UserError("--search scores each trial on held-out training texts, never on the test texts: add "
+                            "--validation-size (a number of texts, or a fraction such as 0.1)")
         if self.early_stopping and not self.validation_size:
             raise UserError("--early-stopping needs --validation-size: the epochs are compared on held-out "
                             "training texts, never on the test texts")
@@ -287,8 +294,9 @@ def run(cfg: Config) -> dict:
         runtime = decide_runtime(cfg.precision)
         tokenizer = check_model(cfg)
         check_output_dir(cfg, runtime)
-        model, model_info = build_model(cfg, tokenizer, task, runtime)
         texts = tokenize_splits(data, tokenizer, cfg)
+        cfg, search = search_settings(cfg, task, texts, tokenizer, runtime)  # as given, or the best found (--search)
+        model, model_info = build_model(cfg, tokenizer, task, runtime)
         trainer = make_trainer(cfg, model, tokenizer, texts, task, runtime)
         metrics = {"before": evaluate(trainer, texts.test, task, "Before training")}
         if texts.validation:  # where the per-epoch line starts
@@ -296,7 +304,7 @@ def run(cfg: Config) -> dict:
         metrics["history"], metrics["training"] = train(trainer, task, len(texts.train))
         task = calibrate(trainer, texts.calibration, task)  # a temperature for the probabilities (--calibration)
         metrics["after"] = evaluate(trainer, texts.test, task, "After training")  # the best epoch's, if kept
-        metrics.update(describe_run(cfg, task, model_info, trainer, runtime))
+        metrics.update(describe_run(cfg, task, model_info, trainer, runtime), search=search)
         saved = save(trainer, metrics, cfg.model_dir)  # before the charts, so that drawing them cannot lose it
     if saved:  # one process saves and draws for all
         draw(metrics, task, cfg.images_dir)
@@ -352,14 +360,14 @@ def load_data(cfg: Config) -> Splits:
             log.info("Calibration: none, as a regression's outputs are scores, not probabilities")
     elif validation:
         calibration = validation
-    else:  # rows of the training data not drawn, as many as the test texts (50 to 1,000), drawn as those were
+    else:  # rows of the training data not drawn (up to CALIBRATION_TEXTS), drawn as those were
         spare = sorted(set(range(len(labels["train"]))) - set(chosen["train"]))
-        wanted = max(MIN_CALIBRATION_TEXTS, min(CALIBRATION_TEXTS, len(test)))
         if len(spare) >= MIN_CALIBRATION_TEXTS:
-            drawn = balanced_subset(group([labels["train"][i] for i in spare]), min(wanted, len(spare)), cfg.seed)
+            drawn = balanced_subset(group([labels["train"][i] for i in spare]), min(CALIBRATION_TEXTS, len(spare)),
+                                    cfg.seed)
             calibration = table("train", [spare[i] for i in drawn])
         else:
-            train, calibration = hold_out_for_calibration(train, wanted, cfg.seed, task)
+            train, calibration = hold_out_for_calibration(train, cfg.seed, task)
     task = task.fitted(train["labels"], cfg.class_weights == "balanced")
     log.info("Data: %d training, %s%d test texts%s", len(train),
              f"{len(validation)} validation and " if validation else "", len(test),
@@ -369,15 +377,16 @@ def load_data(cfg: Config) -> Splits:
     return Splits(train, validation, test, task, calibration)
 
 
-# A temperature is one number (one per label): a few hundred texts fit it; more only cost an evaluation
+# The texts a temperature is fit on: fit on 256 texts, the CPU quick start's halved its test texts' calibration error,
+# fit on 1,000 it cut it to a third (benchmarks/NOTES.md); more only cost an evaluation
 CALIBRATION_TEXTS = 1000
 MIN_CALIBRATION_TEXTS = 50
 
 
-def hold_out_for_calibration(train, wanted: int, seed: int, task: Task):
+def hold_out_for_calibration(train, seed: int, task: Task):
     """(the rest, the calibration texts) where the training data has no rows to spare (--train-size all): a tenth
-    of the training texts, at most `wanted`, held out, which the model then does not train on."""
-    size = min(wanted, len(train) // 10)
+    of the training texts, at most CALIBRATION_TEXTS, held out, which the model then does not train on."""
+    size = min(CALIBRATION_TEXTS, len(train) // 10)
     if size < MIN_CALIBRATION_TEXTS:
         raise UserError(f"--calibration temperature fits on held-out texts, and {len(train)} training texts leave too "
                         f"few ({size}; at least {MIN_CALIBRATION_TEXTS}): train on a subset (--train-size), hold out "
@@ -1578,6 +1587,8 @@ def draw(metrics: dict, task: Task, images_dir: str) -> list[str]:
                task.chart_file: task.chart(metrics)}
     if "calibrated" in metrics["after"].get("calibration", {}):
         figures["reliability.png"] = reliability_chart(metrics["after"]["calibration"], task)
+    if metrics.get("search"):
+        figures["search.png"] = search_chart(metrics["search"])
     paths = [os.path.join(images_dir, name) for name in figures]
     try:
         os.makedirs(images_dir, exist_ok=True)
@@ -1661,6 +1672,32 @@ def reliability_chart(calibration: dict, task: Task):
     ax.set_ylim(0, 1)
     ax.set_title("Reliability on the test set")
     ax.legend(loc="upper left")
+    return figure
+
+
+def search_chart(search: dict):
+    """The search's trials: each one's validation score against its learning rate, marked by its LoRA rank and
+    targets, the trials stopped after their first epoch hollow (their first epoch's score), the best ringed."""
+    from matplotlib.figure import Figure
+    figure = Figure(figsize=(7, 5), layout="constrained")
+    ax = figure.subplots()
+    styles = {"query+value": "o", "all-linear": "s"}
+    for trial in search["trials"]:
+        ax.scatter(trial["learning_rate"], trial["score"], s=20 + 6 * trial["lora_r"], marker=styles[trial["lora_targets"]],
+                   facecolors="none" if trial["state"] == "pruned" else f"C{[4, 8, 16, 32].index(trial['lora_r'])}",
+                   edgecolors=f"C{[4, 8, 16, 32].index(trial['lora_r'])}")
+        ax.annotate(f"{trial['trial']} ({trial['epochs']} ep)", (trial["learning_rate"], trial["score"]),
+                    textcoords="offset points", xytext=(6, 4), fontsize=8)
+    best = next(t for t in search["trials"] if t["trial"] == search["best"])
+    ax.scatter(best["learning_rate"], best["score"], s=400, facecolors="none", edgecolors="C3", label="best")
+    for targets, marker in styles.items():
+        ax.scatter([], [], marker=marker, color="gray", label=f"LoRA on {targets}")
+    ax.scatter([], [], marker="o", facecolors="none", edgecolors="gray", label="stopped after its first epoch")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (marker size and colour: LoRA rank 4, 8, 16, 32)")
+    ax.set_ylabel(f"best {METRIC_NAMES[search['metric']]} on the validation texts")
+    ax.set_title("The search's trials (number, epochs)")
+    ax.legend(loc="best", fontsize=8)
     return figure
 
 
@@ -2069,6 +2106,127 @@ def export_merged(model_dir: str, out: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# The settings search (--search N): Optuna's trials, each the recipe's training scored on the validation texts
+
+
+SEARCH_FILE = "search.journal"  # in --output-dir: Optuna's record of every trial, which --resume continues
+LORA_TARGETS = {"query+value": None, "all-linear": ["all-linear"]}  # a trial's choice, and the setting it means
+
+
+def search_settings(cfg: Config, task: Task, texts: Tokenized, tokenizer, runtime: Runtime) -> tuple[Config, dict]:
+    """The settings to train the saved model with: as given, or with --search N the best of N trials (their first
+    the given settings, so the search ends at least as well as they do). Optuna's TPE sampler draws each trial's
+    settings, a trial trains as the recipe does and is scored by its best epoch on the validation texts, the same
+    score that picks the saved model's epoch; a trial whose first epoch is in the bottom quarter of the trials so
+    far is stopped there. The best settings then train the saved model anew with the same seed and texts, through
+    the same steps as any run (calibration, checkpoints, --resume), rather than keeping a trial's model. Returns
+    (the settings, what metrics.json says of the search; None without one)."""
+    if not cfg.search:
+        return cfg, None
+    if runtime.num_processes > 1:
+        raise UserError("--search runs its trials one after another in one process: launch it without torchrun or "
+                        "accelerate launch (on one GPU), then train on several with the settings it found")
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    started = time.perf_counter()
+    journal = os.path.join(cfg.output_dir, SEARCH_FILE)
+    if not cfg.resume:  # check_output_dir has made sure an earlier search may go (--overwrite)
+        remove_path(journal)
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    study = optuna.create_study(
+        storage=JournalStorage(JournalFileBackend(journal)), study_name="search",
+        load_if_exists=True, direction="maximize" if task.greater_is_better else "minimize",
+        sampler=optuna.samplers.TPESampler(seed=cfg.seed),
+        pruner=optuna.pruners.PercentilePruner(25.0, n_startup_trials=2, n_warmup_steps=0))
+    done = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    if not study.trials:
+        study.enqueue_trial(trial_params(cfg))
+    for stopped in [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL][-1:]:
+        study.enqueue_trial(stopped.params)  # the trial a signal stopped, again
+    if done:
+        log.info("Search: %d of %d trials done before, continuing", len(done), cfg.search)
+    if len(done) < cfg.search:
+        try:
+            study.optimize(lambda trial: run_trial(cfg, trial, task, texts, tokenizer, runtime),
+                           n_trials=cfg.search - len(done))
+        except Interrupted as e:  # Optuna marked the trial failed; --resume runs it again
+            import signal
+            finished = sum(t.state != optuna.trial.TrialState.FAIL for t in study.trials)
+            raise Interrupted(f"stopped by {signal.Signals(e.status - 128).name} during trial "
+                              f"{study.trials[-1].number} of the search: its {finished} finished trials are kept in "
+                              f"{journal}; continue with the same command and --resume (that trial starts again)",
+                              e.status - 128) from None
+    trials = [{"trial": t.number + 1, "state": t.state.name.lower(), "score": t.value, **t.params,
+               "epochs_trained": t.user_attrs.get("epochs_trained"), "seconds": t.user_attrs.get("seconds")}
+              for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    best = study.best_trial
+    seconds = time.perf_counter() - started + sum(t["seconds"] or 0 for t in trials[:len(done)])
+    first = trials[0]["seconds"]
+    log.info("Search: %d trials (%d stopped after their first epoch) in %.0f s, %.1fx one run with the given settings "
+             "(trial 1, %.0f s); best %s %.4f on the validation texts (the given settings: %.4f): %s", len(trials),
+             sum(t["state"] == "pruned" for t in trials), seconds, seconds / first, first,
+             METRIC_NAMES[task.best_metric], best.value, trials[0]["score"],
+             ", ".join(f"{k} {v:.2g}" if isinstance(v, float) else f"{k} {v}" for k, v in best.params.items()))
+    remove_path(os.path.join(cfg.output_dir, "search"))  # the trials' folders
+    resume = cfg.resume and latest_checkpoint(cfg.checkpoints_dir) is not None  # the saved model's own training
+    return (replace(cfg, **trial_settings(best.params), resume=resume),
+            {"trials": trials, "best": best.number + 1, "metric": task.best_metric, "seconds": seconds,
+             "given_settings_seconds": first})
+
+
+def trial_params(cfg: Config) -> dict:
+    """A trial's settings as Optuna records them, from a Config (the given settings, the first trial)."""
+    return {"learning_rate": cfg.learning_rate, "lora_r": cfg.lora_r, "epochs": cfg.epochs,
+            "lora_targets": "all-linear" if cfg.lora_targets == ["all-linear"] else "query+value"}
+
+
+def trial_settings(params: dict) -> dict:
+    """The Config settings of a trial's parameters (LoRA alpha twice the rank, as the defaults have it)."""
+    return {"learning_rate": params["learning_rate"], "lora_r": params["lora_r"], "lora_alpha": 2 * params["lora_r"],
+            "epochs": params["epochs"], "lora_targets": LORA_TARGETS[params["lora_targets"]]}
+
+
+def run_trial(cfg: Config, trial, task: Task, texts: Tokenized, tokenizer, runtime: Runtime) -> float:
+    """One trial: the model built and trained with the trial's settings, evaluated on the validation texts after
+    each epoch, no checkpoint kept; its score is its best epoch's. Raises optuna.TrialPruned where the pruner
+    stopped it after its first epoch."""
+    import optuna
+    from transformers import TrainerCallback
+    started = time.perf_counter()
+    settings = trial_settings({
+        "learning_rate": trial.suggest_float("learning_rate", 1e-4, 3e-3, log=True),
+        "lora_r": trial.suggest_categorical("lora_r", [4, 8, 16, 32]),
+        "epochs": trial.suggest_int("epochs", 1, 5),
+        "lora_targets": trial.suggest_categorical("lora_targets", list(LORA_TARGETS))})
+    folder = os.path.join(cfg.output_dir, "search", f"trial-{trial.number}")
+    trial_cfg = replace(cfg, **settings, output_dir=folder, overwrite=True, resume=False, early_stopping=None)
+    log.info("Search: trial %d of %d%s: %s", trial.number + 1, cfg.search, " (the given settings)" if trial.number == 0
+             else "", ", ".join(f"{k} {v:.2g}" if isinstance(v, float) else f"{k} {v}" for k, v in trial.params.items()))
+
+    class FirstEpoch(TrainerCallback):  # the first epoch's score, for the pruner
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            if round(state.epoch) == 1:
+                trial.report(metrics[f"eval_{task.best_metric}"], 1)
+                control.should_training_stop = trial.should_prune()
+
+    try:
+        model, _ = build_model(trial_cfg, tokenizer, task, runtime)
+        trainer = make_trainer(trial_cfg, model, tokenizer, texts, task, runtime)
+        trainer.args.save_strategy, trainer.args.load_best_model_at_end = "no", False  # scores only, no checkpoint
+        trainer.add_callback(FirstEpoch)
+        history, _ = train(trainer, task, len(texts.train))
+    finally:
+        remove_path(folder)
+    scores = [h[task.best_metric] for h in history]
+    trial.set_user_attr("epochs_trained", len(history))
+    trial.set_user_attr("seconds", time.perf_counter() - started)
+    if len(history) < trial_cfg.epochs:
+        raise optuna.TrialPruned()
+    return max(scores) if task.greater_is_better else min(scores)
+
+
+# ----------------------------------------------------------------------------------------------
 # How the steps run: where this process computes, in which precision, with how many others, and the Trainer that
 # runs the recipe's steps so (eager, CUDA graphs, compiled layers, DDP, FSDP), decided once here
 
@@ -2286,6 +2444,10 @@ def recipe_trainer():
             self.plan, self.resume_from, self.schedule = plan, resume_from, schedule
 
         def train(self, *args, **kwargs):
+            from transformers import set_seed
+            # From --seed whatever ran before (each evaluation draws from the random state): a search's trial and the
+            # run with its settings train alike
+            set_seed(self.args.seed)
             if self.args.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.args.device)
             with attention_kernels(self.args.device), stopped_cleanly(self, self.schedule):
@@ -2863,12 +3025,15 @@ def check_output_dir(cfg: Config, runtime: Runtime) -> None:
     if os.path.exists(cfg.model_dir) and not cfg.overwrite:
         raise UserError(f"{cfg.model_dir} already holds a trained model: pass --overwrite to replace it once the new "
                         "one is saved, or choose another --output-dir")
-    if cfg.resume and latest_checkpoint(checkpoints) is None:
+    search = os.path.join(cfg.output_dir, SEARCH_FILE)
+    searched = cfg.search and os.path.isfile(search)
+    if cfg.resume and latest_checkpoint(checkpoints) is None and not searched:
         raise UserError(f"--resume found no checkpoint in {checkpoints}: run without --resume to start afresh")
-    if not cfg.resume and checkpoint_folders(checkpoints) and not cfg.overwrite:
-        raise UserError(f"{checkpoints} holds checkpoints of an interrupted run: pass --resume to continue it, "
-                        "or --overwrite to start over")
-    if cfg.resume:
+    if not cfg.resume and not cfg.overwrite and (checkpoint_folders(checkpoints) or searched):
+        raise UserError(f"{checkpoints if checkpoint_folders(checkpoints) else search} holds an interrupted "
+                        f"{'run' if checkpoint_folders(checkpoints) else 'search'}: pass --resume to continue it, or "
+                        "--overwrite to start over")
+    if cfg.resume and latest_checkpoint(checkpoints) is not None:
         with open(os.path.join(checkpoints, "run_config.json")) as f:
             saved = json.load(f)
         settings = run_settings(cfg, runtime)
@@ -2923,6 +3088,9 @@ def run_settings(cfg: Config, runtime: Runtime) -> dict:
     for key in ("resume", "overwrite", "output_dir", "images_dir", "eval_batch_size", "micro_batch_size",
                 "gradient_checkpointing", "cuda_graphs", "save_steps", "save_minutes"):
         settings.pop(key)
+    if cfg.search:  # what the search chose: its journal holds it
+        for key in ("learning_rate", "lora_r", "lora_alpha", "lora_targets", "epochs"):
+            settings.pop(key)
     settings["processes"] = runtime.num_processes  # the texts an optimizer step sees
     if runtime.fsdp:  # its checkpoints hold what trains in other files (sharded_trainer)
         settings["fsdp"] = True

@@ -59,8 +59,8 @@ def test_expected_calibration_error_is_the_weighted_gap_of_each_bin():
 
 def test_the_run_calibrates_on_training_rows_it_did_not_train_on(calibrated):
     out, result = calibrated
-    assert "the temperature is fit on 50 others of the training data" in result.stderr
-    fit = re.search(r"Calibration: temperature ([\d.]+), fit on 50 held-out texts \(their log loss ([\d.]+) -> "
+    assert "the temperature is fit on 60 others of the training data" in result.stderr
+    fit = re.search(r"Calibration: temperature ([\d.]+), fit on 60 held-out texts \(their log loss ([\d.]+) -> "
                     r"([\d.]+)\)", result.stderr)
     assert fit and float(fit[3]) <= float(fit[2]), "the fit lowers the log loss of the texts it is fit on"
     metrics = json.loads((out / "model" / "metrics.json").read_text())

@@ -206,9 +206,9 @@ def test_windows_evaluate_and_predict_each_text_once(calibrated):
     import torch
 
     out, result = calibrated
-    seen = re.search(r"Windows of 32 tokens: 64 train texts as (\d+), 32 test texts as (\d+), 50 calibration texts "
+    seen = re.search(r"Windows of 32 tokens: 64 train texts as (\d+), 32 test texts as (\d+), 60 calibration texts "
                      r"as (\d+)", result.stderr)
-    assert seen and all(int(n) > texts for n, texts in zip(seen.groups(), (64, 32, 50))), result.stderr[-2000:]
+    assert seen and all(int(n) > texts for n, texts in zip(seen.groups(), (64, 32, 60))), result.stderr[-2000:]
     metrics = json.loads((out / "model" / "metrics.json").read_text())
     assert sum(map(sum, metrics["after"]["confusion_matrix"])) == 32, "each test text counted once"
     classifier = peft_qlora.Classifier.load(str(out / "model"))
