@@ -1500,80 +1500,58 @@ def save(trainer, metrics: dict, model_dir: str) -> bool:
 def model_card(metrics: dict, folder: str, merged: bool = False):
     """The folder's README.md, as the Hub and the tools around it read it (huggingface_hub's ModelCard): YAML
     metadata (the base model, the library, the pipeline tag, tags, the dataset where it is the hub's, the test
-    metrics), then the run's settings, its results before and after training, how to load and call the model, and
-    the charts drawn."""
+    metrics), then what the model is, its results before and after training, its settings, how to load and call
+    it, and the charts drawn."""
     import math
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
     cfg, task = metrics["config"], Task.from_dict({**metrics["task"], "label_names": metrics["label_names"]})
-    on_hub = not os.path.exists(cfg["model"])  # a local folder is no base_model the Hub knows
     data_name = cfg["dataset"] or os.path.basename(cfg["eval_file"])
     path = os.path.abspath(folder)
     name = os.path.basename(os.path.dirname(path) if os.path.basename(path) == MODEL_FOLDER else path)
-    after = metrics["after"]
+    after = metrics.get("after", {})
     data = ModelCardData(
-        base_model=cfg["model"] if on_hub else None, library_name="transformers" if merged else "peft",
-        pipeline_tag="text-classification", tags=["qlora", "lora", "peft", "4-bit", "bitsandbytes", task.kind],
-        datasets=[cfg["dataset"]] if cfg["dataset"] else None, metrics=list(task.metric_names), model_name=name,
+        base_model=None if os.path.exists(cfg["model"]) else cfg["model"],  # a local folder is none the Hub knows
+        library_name="transformers" if merged else "peft", pipeline_tag="text-classification",
+        tags=["qlora", "lora", "peft", "4-bit", "bitsandbytes", task.kind], model_name=name,
+        datasets=[cfg["dataset"]] if cfg["dataset"] else None, metrics=list(task.metric_names),
         eval_results=[EvalResult(task_type="text-classification", dataset_type=cfg["dataset"] or "local",
                                  dataset_name=data_name, dataset_split="test", metric_type=metric,
                                  metric_value=round(float(after[metric]), 4))
-                      for metric in task.metric_names if math.isfinite(after[metric])])
-    rows = "\n".join(f"| {METRIC_NAMES[m]} | {metrics['before'][m]:.4f} | {after[m]:.4f} |" for m in task.metric_names)
+                      for metric in task.metric_names if metric in after and math.isfinite(after[metric])] or None)
+    lines = [f"# {name}", "", f"QLoRA fine-tuning of {cfg['model']} (4-bit NF4 base, LoRA r={cfg['lora_r']}, alpha="
+             f"{cfg['lora_alpha']}) for {task.describe()}, with peft_qlora.py, on {data_name}"
+             + (": LoRA merged into the dequantized base, a plain transformers model." if merged else ".")]
+    if after:
+        lines += ["", "## Results on the test texts" + (" (of the 4-bit model it was merged from)" if merged else ""),
+                  "", "| metric | before training | after training |", "| --- | --- | --- |",
+                  *(f"| {METRIC_NAMES[m]} | {metrics['before'][m]:.4f} | {after[m]:.4f} |" for m in task.metric_names)]
     calibration = after.get("calibration", {})
-    calibrated = ("" if "calibrated" not in calibration else
-                  f"\nProbabilities are calibrated (temperature {', '.join(f'{t:.3f}' for t in calibration['temperature'])}"
-                  f"): expected calibration error on the test texts {calibration['uncalibrated']['ece']:.3f} as "
-                  f"trained, {calibration['calibrated']['ece']:.3f} calibrated.\n")
-    settings = ("model", "dataset", "train_file", "eval_file", "train_size", "eval_size", "validation_size",
-                "max_length", "truncation", "window_stride", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
-                "epochs", "learning_rate", "batch_size", "class_weights", "calibration", "seed")
-    use = (f"""```python
-from transformers import pipeline
-
-classify = pipeline("text-classification", model="{folder}")
-classify("A wonderful film.")
-```""" if merged else f"""```python
-from peft_qlora import Classifier, predict
-
-predict("A wonderful film.", model_dir="{folder}")
-classifier = Classifier.load("{folder}")
-classifier(["A wonderful film.", "A dull one."])
-```
-
-From the shell: `python peft_qlora.py predict --model-dir {folder} "A wonderful film."`, or a whole file with
-`--file reviews.csv --output predictions.csv`; `python peft_qlora.py export --model-dir {folder} --merged OUT` writes
-a plain transformers model that `pipeline("text-classification", model=OUT)` loads.""")
-    charts = ["bar_chart.png", "line_chart.png", task.chart_file] + (["reliability.png"] if calibrated else [])
-    what = (f"QLoRA fine-tuning of {cfg['model']} (4-bit NF4 base, LoRA r={cfg['lora_r']}, alpha={cfg['lora_alpha']}) "
-            f"for {task.describe()}, with peft_qlora.py, on {data_name}")
-    body = f"""
-# {name}
-
-{what}{": LoRA merged into the dequantized base, a plain transformers model" if merged else ""}.
-
-## Results on the test texts{" (of the 4-bit model it was merged from)" if merged else ""}
-
-| metric | before training | after training |
-| --- | --- | --- |
-{rows}
-{calibrated}
-## Settings
-
-| setting | value |
-| --- | --- |
-""" + "\n".join(f"| {key} | {cfg[key]} |" for key in settings if cfg.get(key) is not None) + f"""
-| precision | {metrics["precision"]} |
-| device | {metrics["device"]} |
-
-## How to use
-
-{use}
-
-## Charts
-
-Drawn by the training run into {cfg["images_dir"]}: {", ".join(charts)}.
-"""
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+    if "calibrated" in calibration:
+        lines += ["", f"Probabilities are calibrated (temperature {', '.join(f'{t:.3f}' for t in task.temperature)}):"
+                  f" expected calibration error on the test texts {calibration['uncalibrated']['ece']:.3f} as trained,"
+                  f" {calibration['calibrated']['ece']:.3f} calibrated."]
+    shown = ("model", "dataset", "train_file", "eval_file", "train_size", "eval_size", "validation_size", "max_length",
+             "truncation", "window_stride", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "epochs",
+             "learning_rate", "batch_size", "class_weights", "calibration", "search", "seed")
+    lines += ["", "## Settings", "", "| setting | value |", "| --- | --- |",
+              *(f"| {key} | {cfg[key]} |" for key in shown if cfg.get(key) is not None),
+              f"| precision | {metrics['precision']} |", "", "## How to use", "", "```python"]
+    if merged:
+        lines += ["from transformers import pipeline", "",
+                  f'classify = pipeline("text-classification", model="{folder}")', 'classify("A wonderful film.")',
+                  "```"]
+    else:
+        lines += ["from peft_qlora import Classifier, predict", "",
+                  f'predict("A wonderful film.", model_dir="{folder}")', f'classifier = Classifier.load("{folder}")',
+                  'classifier(["A wonderful film.", "A dull one."])', "```",
+                  "", f'From the shell: `python peft_qlora.py predict --model-dir {folder} "A wonderful film."`, or a '
+                  "whole file with `--file reviews.csv --output predictions.csv`. `python peft_qlora.py export "
+                  f"--model-dir {folder} --merged OUT` writes a plain transformers model that "
+                  '`pipeline("text-classification", model=OUT)` loads.']
+    charts = ["bar_chart.png", "line_chart.png", task.chart_file] + ["reliability.png"] * ("calibrated" in calibration)
+    lines += ["", "## Charts", "", f"Drawn by the training run into {cfg['images_dir']}: "
+              + ", ".join(charts + ["search.png"] * bool(metrics.get("search"))) + "."]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1683,9 +1661,10 @@ def search_chart(search: dict):
     ax = figure.subplots()
     styles = {"query+value": "o", "all-linear": "s"}
     for trial in search["trials"]:
-        ax.scatter(trial["learning_rate"], trial["score"], s=20 + 6 * trial["lora_r"], marker=styles[trial["lora_targets"]],
-                   facecolors="none" if trial["state"] == "pruned" else f"C{[4, 8, 16, 32].index(trial['lora_r'])}",
-                   edgecolors=f"C{[4, 8, 16, 32].index(trial['lora_r'])}")
+        colour = f"C{[4, 8, 16, 32].index(trial['lora_r'])}"
+        ax.scatter(trial["learning_rate"], trial["score"], s=20 + 6 * trial["lora_r"],
+                   marker=styles[trial["lora_targets"]], edgecolors=colour,
+                   facecolors="none" if trial["state"] == "pruned" else colour)
         ax.annotate(f"{trial['trial']} ({trial['epochs']} ep)", (trial["learning_rate"], trial["score"]),
                     textcoords="offset points", xytext=(6, 4), fontsize=8)
     best = next(t for t in search["trials"] if t["trial"] == search["best"])
@@ -2201,8 +2180,8 @@ def run_trial(cfg: Config, trial, task: Task, texts: Tokenized, tokenizer, runti
         "lora_targets": trial.suggest_categorical("lora_targets", list(LORA_TARGETS))})
     folder = os.path.join(cfg.output_dir, "search", f"trial-{trial.number}")
     trial_cfg = replace(cfg, **settings, output_dir=folder, overwrite=True, resume=False, early_stopping=None)
-    log.info("Search: trial %d of %d%s: %s", trial.number + 1, cfg.search, " (the given settings)" if trial.number == 0
-             else "", ", ".join(f"{k} {v:.2g}" if isinstance(v, float) else f"{k} {v}" for k, v in trial.params.items()))
+    log.info("Search: trial %d of %d%s: %s", trial.number + 1, cfg.search,
+             " (the given settings)" * (trial.number == 0), ", ".join(f"{k} {v:.2g}" if isinstance(v, float) else f"{k} {v}" for k, v in trial.params.items()))
 
     class FirstEpoch(TrainerCallback):  # the first epoch's score, for the pruner
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):

@@ -3,9 +3,9 @@
     python benchmarks/calibration.py MODEL_DIR TEST.parquet --texts 1500 [--exclude-eval-of METRICS_JSON]
 
 Draws --texts rows of the test file at random (seeded; --exclude-eval-of leaves out the rows the training run drew
-for its own evaluation), classifies them with peft_qlora's Classifier (as predict() does) and reports the expected calibration error (15 bins), log loss and
-Brier score of the probabilities as trained and divided by the saved temperature, and the accuracy, which the
-temperature does not change.
+for its own evaluation), classifies them with peft_qlora's Classifier (as predict() does) and reports the expected
+calibration error (15 bins), log loss and Brier score of the probabilities as trained and divided by the saved
+temperature, and the accuracy, which the temperature does not change.
 """
 import argparse
 import json
@@ -47,7 +47,8 @@ def main():
     result = {"model_dir": args.model_dir, "test_file": args.test_file, "texts": args.texts, "seed": args.seed,
               "excluded_eval_rows": bool(args.exclude_eval_of), "temperature": classifier.task.temperature,
               "accuracy": float((logits.argmax(-1) == labels).mean()), "seconds": seconds,
-              **{key: {k: v for k, v in figures[key].items() if k != "bins"} for key in figures if key != "temperature"},
+              **{key: {k: v for k, v in figures[key].items() if k != "bins"}
+                 for key in figures if key != "temperature"},
               "command": " ".join(sys.argv)}
     print(json.dumps(result, indent=2))
     if args.out:

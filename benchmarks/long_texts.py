@@ -6,8 +6,8 @@
 Keeps the test reviews longer than 512 tokens (the model's tokenizer, special tokens included), writes them to
 OUT/long_test.parquet, and for each --max-length and --truncation trains peft_qlora's defaults otherwise (4,000
 training reviews, 3 epochs, calibration) and evaluates on those long reviews (--eval-size of them, balanced).
---default-run adds the plain defaults on the whole test file (or the file it names): their calibration figures. Each run's metrics.json is
-copied to OUT, and OUT/summary.json holds one row per run.
+--default-run adds the plain defaults on the whole test file (or the file it names): their calibration figures.
+Each run's metrics.json is copied to OUT, and OUT/summary.json holds one row per run.
 """
 import argparse
 import json

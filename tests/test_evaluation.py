@@ -97,6 +97,7 @@ def test_balanced_class_weights_raise_the_minority_class_recall(tiny_bert, tmp_p
         result = run_cli("--model", tiny_bert, "--train-file", tmp_path / "train.parquet", "--eval-file",
                          tmp_path / "test.parquet", "--train-size", "all", "--eval-size", "all", "--max-length", "16",
                          "--epochs", "3", "--batch-size", "8", "--learning-rate", "3e-3", "--class-weights", weights,
+                         "--calibration", "off",
                          "--output-dir", out, "--images-dir", out / "images")
         assert result.returncode == 0, result.stderr[-3000:]
         metrics = json.loads((out / "model" / "metrics.json").read_text())
@@ -112,7 +113,7 @@ def test_class_weights_need_training_texts_of_every_class(tiny_bert, tmp_path):
     (tmp_path / "out" / "model").mkdir(parents=True)  # an earlier run's model, which must not hide the mistake
     result = run_cli("--model", tiny_bert, "--train-file", tmp_path / "train.csv", "--eval-file",
                      tmp_path / "test.csv", "--train-size", "all", "--eval-size", "all", "--max-length", "64",
-                     "--class-weights", "balanced", "--output-dir", tmp_path / "out")
+                     "--class-weights", "balanced", "--calibration", "off", "--output-dir", tmp_path / "out")
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "--class-weights balanced: the training texts have no 1" in result.stderr
 

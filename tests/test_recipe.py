@@ -113,9 +113,10 @@ def test_serving_json_holds_what_the_classifier_needs_besides_the_weights(traine
     import peft_qlora
 
     saved = json.loads((trained[0] / "model" / peft_qlora.SERVING_FILE).read_text())
-    assert saved == {"label_names": ["neg", "pos"], "max_length": 64, "truncation": "head+tail",
+    assert saved == {"label_names": ["neg", "pos"], "max_length": 64, "truncation": "head+tail", "window_stride": None,
                      "batch_size": 256, "precision": "fp32",
-                     "task": {"kind": "classification", "text_columns": ["text"], "class_weights": None}}
+                     "task": {"kind": "classification", "text_columns": ["text"], "class_weights": None,
+                              "temperature": None}}
     assert peft_qlora.Task.from_dict(peft_qlora.read_serving_settings(str(trained[0] / "model"))) == classes()
     # serving.json as 721ac5c wrote it, every task's keys in one: read as the same task
     earlier = {"label_names": ["neg", "pos"], "kind": "classification", "text_columns": ["text"], "threshold": 0.5,

@@ -304,6 +304,7 @@ def test_a_multi_label_subset_is_balanced_by_each_text_s_rarest_label(tmp_path):
     path = tmp_path / "d.parquet"
     pq.write_table(pa.table({"text": [f"t{i}" for i in range(120)], "labels": labels}), path)
     data = peft_qlora.load_data(peft_qlora.parse_args(["--train-file", str(path), "--eval-file", str(path),
+                                                       "--calibration", "off",
                                                        "--label-column", "labels", "--train-size", "30",
                                                        "--eval-size", "all"]))
     assert data.task.kind == "multi-label" and data.task.label_names == ["common", "rare"]
@@ -316,7 +317,8 @@ def test_0_1_lists_are_multi_label_with_the_given_names(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps({"text": f"t{i}", "label": [i % 2, 1, int(i % 3 == 0)]}) + "\n"
                             for i in range(12)))
-    args = ["--train-file", str(path), "--eval-file", str(path), "--train-size", "all", "--eval-size", "all"]
+    args = ["--train-file", str(path), "--eval-file", str(path), "--train-size", "all", "--eval-size", "all",
+            "--calibration", "off"]
     data = peft_qlora.load_data(peft_qlora.parse_args(args + ["--label-names", "odd", "any", "third"]))
     assert data.task.label_names == ["odd", "any", "third"] and data.train["labels"][0] == [0.0, 1.0, 1.0]
     assert peft_qlora.load_data(peft_qlora.parse_args(args)).task.label_names == ["0", "1", "2"]
