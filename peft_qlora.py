@@ -1083,11 +1083,23 @@ def check_model(cfg: Config):
     positions = min(tokenizer.model_max_length, getattr(config, "max_position_embeddings", None) or 10**9)
     if cfg.max_length > positions:
         raise UserError(f"--max-length {cfg.max_length} is more than {cfg.model} reads ({positions} tokens)")
+    lora_targets(cfg, config.model_type)
     window = cfg.max_length - tokenizer.num_special_tokens_to_add()
     if cfg.window_stride and cfg.window_stride >= window:
         raise UserError(f"--window-stride {cfg.window_stride} is not smaller than the window ({window} tokens of text "
                         f"in --max-length {cfg.max_length}): windows would skip text; use a smaller stride")
     return tokenizer
+
+
+def lora_targets(cfg: Config, model_type: str) -> list[str]:
+    """The modules LoRA goes on: --lora-targets, or the attention query and value from peft's table for the
+    architecture (a --search tries those and all-linear)."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
+    targets = cfg.lora_targets or PEFT_TARGETS.get(model_type) or EXTRA_LORA_TARGETS.get(model_type)
+    if not targets:
+        raise UserError(f"no default LoRA targets for model type {model_type!r}: name its attention projections "
+                        "with --lora-targets (for example --lora-targets q_proj v_proj), or use all-linear")
+    return targets
 
 
 def load_tokenizer(source: str, pairs: bool = False):
@@ -1111,7 +1123,6 @@ def build_model(cfg: Config, tokenizer, task: Task, runtime: Runtime):
     what metrics.json records of it)."""
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
     from transformers import set_seed
     set_seed(cfg.seed)  # the new head and the LoRA matrices start from it
     started = time.perf_counter()
@@ -1124,11 +1135,7 @@ def build_model(cfg: Config, tokenizer, task: Task, runtime: Runtime):
     # checkpointing is the Trainer's, when the batch plan asks for it.
     model.requires_grad_(False)
     quantized_layers = prepare_4bit_layers(model)
-    model_type = model.config.model_type
-    targets = cfg.lora_targets or PEFT_TARGETS.get(model_type) or EXTRA_LORA_TARGETS.get(model_type)
-    if not targets:
-        raise UserError(f"no default LoRA targets for model type {model_type!r}: name its attention projections "
-                        "with --lora-targets (for example --lora-targets q_proj v_proj), or use all-linear")
+    targets = lora_targets(cfg, model.config.model_type)
     heads = list(trainable_heads(model))
     lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                       lora_dropout=cfg.lora_dropout,
@@ -1659,7 +1666,7 @@ def search_chart(search: dict):
     from matplotlib.figure import Figure
     figure = Figure(figsize=(7, 5), layout="constrained")
     ax = figure.subplots()
-    styles = {"query+value": "o", "all-linear": "s"}
+    styles = {"given": "o", "all-linear": "s"}
     for trial in search["trials"]:
         colour = f"C{[4, 8, 16, 32].index(trial['lora_r'])}"
         ax.scatter(trial["learning_rate"], trial["score"], s=20 + 6 * trial["lora_r"],
@@ -1669,7 +1676,7 @@ def search_chart(search: dict):
                     textcoords="offset points", xytext=(6, 4), fontsize=8)
     best = next(t for t in search["trials"] if t["trial"] == search["best"])
     ax.scatter(best["learning_rate"], best["score"], s=400, facecolors="none", edgecolors="C3", label="best")
-    for targets, marker in styles.items():
+    for targets, marker in (("the given targets", "o"), ("all-linear", "s")):
         ax.scatter([], [], marker=marker, color="gray", label=f"LoRA on {targets}")
     ax.scatter([], [], marker="o", facecolors="none", edgecolors="gray", label="stopped after its first epoch")
     ax.set_xscale("log")
@@ -2089,7 +2096,6 @@ def export_merged(model_dir: str, out: str) -> str:
 
 
 SEARCH_FILE = "search.journal"  # in --output-dir: Optuna's record of every trial, which --resume continues
-LORA_TARGETS = {"query+value": None, "all-linear": ["all-linear"]}  # a trial's choice, and the setting it means
 
 
 def search_settings(cfg: Config, task: Task, texts: Tokenized, tokenizer, runtime: Runtime) -> tuple[Config, dict]:
@@ -2119,10 +2125,12 @@ def search_settings(cfg: Config, task: Task, texts: Tokenized, tokenizer, runtim
         sampler=optuna.samplers.TPESampler(seed=cfg.seed),
         pruner=optuna.pruners.PercentilePruner(25.0, n_startup_trials=2, n_warmup_steps=0))
     done = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
-    if not study.trials:
+    if not study.trials:  # the given settings first
         study.enqueue_trial(trial_params(cfg))
-    for stopped in [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL][-1:]:
-        study.enqueue_trial(stopped.params)  # the trial a signal stopped, again
+    states = optuna.trial.TrialState
+    stopped = [t for t in study.trials if t.state in (states.FAIL, states.RUNNING)]  # by a signal, or killed
+    if stopped and not any(t.state == states.WAITING for t in study.trials):
+        study.enqueue_trial(stopped[-1].params)  # that trial again
     if done:
         log.info("Search: %d of %d trials done before, continuing", len(done), cfg.search)
     if len(done) < cfg.search:
@@ -2133,10 +2141,11 @@ def search_settings(cfg: Config, task: Task, texts: Tokenized, tokenizer, runtim
             import signal
             finished = sum(t.state != optuna.trial.TrialState.FAIL for t in study.trials)
             raise Interrupted(f"stopped by {signal.Signals(e.status - 128).name} during trial "
-                              f"{study.trials[-1].number} of the search: its {finished} finished trials are kept in "
+                              f"{study.trials[-1].number + 1} of the search: its {finished} finished trials are kept in "
                               f"{journal}; continue with the same command and --resume (that trial starts again)",
                               e.status - 128) from None
-    trials = [{"trial": t.number + 1, "state": t.state.name.lower(), "score": t.value, **t.params,
+    trials = [{"trial": t.number + 1, "state": t.state.name.lower(), **t.params,
+               "score": t.value if t.state == optuna.trial.TrialState.COMPLETE else t.intermediate_values[1],
                "epochs_trained": t.user_attrs.get("epochs_trained"), "seconds": t.user_attrs.get("seconds")}
               for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
     best = study.best_trial
@@ -2149,21 +2158,23 @@ def search_settings(cfg: Config, task: Task, texts: Tokenized, tokenizer, runtim
              ", ".join(f"{k} {v:.2g}" if isinstance(v, float) else f"{k} {v}" for k, v in best.params.items()))
     remove_path(os.path.join(cfg.output_dir, "search"))  # the trials' folders
     resume = cfg.resume and latest_checkpoint(cfg.checkpoints_dir) is not None  # the saved model's own training
-    return (replace(cfg, **trial_settings(best.params), resume=resume),
+    return (replace(cfg, **trial_settings(best.params, cfg), resume=resume),
             {"trials": trials, "best": best.number + 1, "metric": task.best_metric, "seconds": seconds,
              "given_settings_seconds": first})
 
 
 def trial_params(cfg: Config) -> dict:
-    """A trial's settings as Optuna records them, from a Config (the given settings, the first trial)."""
+    """A trial's settings as Optuna records them, from a Config (the given settings, the first trial). LoRA goes on
+    the given targets (default: the attention query and value) or on every 4-bit layer (all-linear)."""
     return {"learning_rate": cfg.learning_rate, "lora_r": cfg.lora_r, "epochs": cfg.epochs,
-            "lora_targets": "all-linear" if cfg.lora_targets == ["all-linear"] else "query+value"}
+            "lora_targets": "all-linear" if cfg.lora_targets == ["all-linear"] else "given"}
 
 
-def trial_settings(params: dict) -> dict:
+def trial_settings(params: dict, cfg: Config) -> dict:
     """The Config settings of a trial's parameters (LoRA alpha twice the rank, as the defaults have it)."""
     return {"learning_rate": params["learning_rate"], "lora_r": params["lora_r"], "lora_alpha": 2 * params["lora_r"],
-            "epochs": params["epochs"], "lora_targets": LORA_TARGETS[params["lora_targets"]]}
+            "epochs": params["epochs"],
+            "lora_targets": ["all-linear"] if params["lora_targets"] == "all-linear" else cfg.lora_targets}
 
 
 def run_trial(cfg: Config, trial, task: Task, texts: Tokenized, tokenizer, runtime: Runtime) -> float:
@@ -2177,7 +2188,7 @@ def run_trial(cfg: Config, trial, task: Task, texts: Tokenized, tokenizer, runti
         "learning_rate": trial.suggest_float("learning_rate", 1e-4, 3e-3, log=True),
         "lora_r": trial.suggest_categorical("lora_r", [4, 8, 16, 32]),
         "epochs": trial.suggest_int("epochs", 1, 5),
-        "lora_targets": trial.suggest_categorical("lora_targets", list(LORA_TARGETS))})
+        "lora_targets": trial.suggest_categorical("lora_targets", ["given", "all-linear"])}, cfg)
     folder = os.path.join(cfg.output_dir, "search", f"trial-{trial.number}")
     trial_cfg = replace(cfg, **settings, output_dir=folder, overwrite=True, resume=False, early_stopping=None)
     log.info("Search: trial %d of %d%s: %s", trial.number + 1, cfg.search,

@@ -44,6 +44,21 @@ def config_only(model, folder):
     return str(folder)
 
 
+def mpnet(tiny_bert, folder):
+    """A model folder of an architecture peft has no default LoRA targets for (its config, the tiny BERT's
+    tokenizer): refused before its weights are looked for."""
+    import shutil
+
+    from transformers import MPNetConfig
+
+    MPNetConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                vocab_size=1000).save_pretrained(folder)
+    for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"):
+        if os.path.exists(os.path.join(tiny_bert, name)):
+            shutil.copy(os.path.join(tiny_bert, name), folder)
+    return str(folder)
+
+
 CASES = {
     "missing model folder": (lambda t, g, d: with_data(g, "--model", str(t / "no-such-model")),
                              ["--model", "no-such-model: no such folder"]),
@@ -111,6 +126,14 @@ CASES = {
     "too few texts to calibrate on": (lambda t, g, d: ["--train-file", g, "--eval-file", g, "--train-size", "all",
                                                        "--eval-size", "all"],
                                       ["--calibration temperature fits on held-out texts", "--calibration off"]),
+    "search without validation texts": (lambda t, g, d: ["--search", "4"],
+                                        ["--search scores each trial on held-out training texts", "--validation-size"]),
+    "search of no trials": (lambda t, g, d: ["--search", "0", "--validation-size", "0.1"],
+                            ["--search 0: must be a whole number, at least 1"]),
+    "an architecture without default LoRA targets": (
+        lambda t, g, d: with_data(g, "--model", mpnet(d, t / "mpnet"), "--max-length", "64", "--search", "2",
+                                  "--validation-size", "2"),
+        ["no default LoRA targets for model type 'mpnet'", "--lora-targets"]),
     "bad LoRA target": (lambda t, g, d: with_data(g, "--model", d, "--max-length", "64",
                                                    "--lora-targets", "attn_nonexistent"),
                         ["--lora-targets attn_nonexistent"]),
