@@ -2124,10 +2124,10 @@ def search_settings(cfg: Config, task: Task, texts: Tokenized, tokenizer, runtim
         load_if_exists=True, direction="maximize" if task.greater_is_better else "minimize",
         sampler=optuna.samplers.TPESampler(seed=cfg.seed),
         pruner=optuna.pruners.PercentilePruner(25.0, n_startup_trials=2, n_warmup_steps=0))
-    done = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    states = optuna.trial.TrialState
+    done = [t for t in study.trials if t.state in (states.COMPLETE, states.PRUNED)]
     if not study.trials:  # the given settings first
         study.enqueue_trial(trial_params(cfg))
-    states = optuna.trial.TrialState
     stopped = [t for t in study.trials if t.state in (states.FAIL, states.RUNNING)]  # by a signal, or killed
     if stopped and not any(t.state == states.WAITING for t in study.trials):
         study.enqueue_trial(stopped[-1].params)  # that trial again
@@ -2136,18 +2136,18 @@ def search_settings(cfg: Config, task: Task, texts: Tokenized, tokenizer, runtim
     if len(done) < cfg.search:
         try:
             study.optimize(lambda trial: run_trial(cfg, trial, task, texts, tokenizer, runtime),
-                           n_trials=cfg.search - len(done))
+                           n_trials=cfg.search - len(done), gc_after_trial=True)  # one trial's model in memory
         except Interrupted as e:  # Optuna marked the trial failed; --resume runs it again
             import signal
-            finished = sum(t.state != optuna.trial.TrialState.FAIL for t in study.trials)
+            finished = sum(t.state in (states.COMPLETE, states.PRUNED) for t in study.trials)
             raise Interrupted(f"stopped by {signal.Signals(e.status - 128).name} during trial "
-                              f"{study.trials[-1].number + 1} of the search: its {finished} finished trials are kept in "
-                              f"{journal}; continue with the same command and --resume (that trial starts again)",
+                              f"{study.trials[-1].number + 1} of the search: its {finished} finished trials are kept "
+                              f"in {journal}; continue with the same command and --resume (that trial starts again)",
                               e.status - 128) from None
     trials = [{"trial": t.number + 1, "state": t.state.name.lower(), **t.params,
-               "score": t.value if t.state == optuna.trial.TrialState.COMPLETE else t.intermediate_values[1],
+               "score": t.value if t.state == states.COMPLETE else t.intermediate_values[1],
                "epochs_trained": t.user_attrs.get("epochs_trained"), "seconds": t.user_attrs.get("seconds")}
-              for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+              for t in study.trials if t.state in (states.COMPLETE, states.PRUNED)]
     best = study.best_trial
     seconds = time.perf_counter() - started + sum(t["seconds"] or 0 for t in trials[:len(done)])
     first = trials[0]["seconds"]
