@@ -2192,7 +2192,8 @@ def run_trial(cfg: Config, trial, task: Task, texts: Tokenized, tokenizer, runti
     folder = os.path.join(cfg.output_dir, "search", f"trial-{trial.number}")
     trial_cfg = replace(cfg, **settings, output_dir=folder, overwrite=True, resume=False, early_stopping=None)
     log.info("Search: trial %d of %d%s: %s", trial.number + 1, cfg.search,
-             " (the given settings)" * (trial.number == 0), ", ".join(f"{k} {v:.2g}" if isinstance(v, float) else f"{k} {v}" for k, v in trial.params.items()))
+             " (the given settings)" * (trial.number == 0),
+             ", ".join(f"{k} {v:.2g}" if isinstance(v, float) else f"{k} {v}" for k, v in trial.params.items()))
 
     class FirstEpoch(TrainerCallback):  # the first epoch's score, for the pruner
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):
