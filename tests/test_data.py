@@ -20,7 +20,7 @@ def write_jsonl(path, rows):
 def test_string_labels_become_sorted_class_names(tmp_path):
     rows = [{"review": f"text {i}", "sentiment": s} for i, s in enumerate(["positive", "negative"] * 5)]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    train, _, evaluation, task = peft_qlora.load_data(config(
+    train, _, evaluation, task, _ = peft_qlora.load_data(config(
         "--train-file", path, "--eval-file", path, "--text-column", "review", "--label-column", "sentiment",
         "--train-size", "all", "--eval-size", "4"))
     names = task.label_names
@@ -62,7 +62,7 @@ def test_a_local_dataset_folder_goes_through_the_hub_loader(tmp_path, data_files
 
     shutil.copy(data_files["train"], tmp_path / "train.parquet")
     shutil.copy(data_files["test"], tmp_path / "test.parquet")
-    train, _, evaluation, task = peft_qlora.load_data(config("--dataset", str(tmp_path), "--train-size", "20",
+    train, _, evaluation, task, _ = peft_qlora.load_data(config("--dataset", str(tmp_path), "--train-size", "20",
                                                           "--eval-size", "all"))
     assert (len(train), len(evaluation), task.label_names) == (20, 32, ["neg", "pos"])
 
@@ -72,7 +72,7 @@ def test_subsets_are_balanced_and_reproducible(tmp_path):
     # 90 of class 0 and 30 of class 1: a balanced draw of 40 takes 20 of each.
     path.write_text("text,label\n" + "".join(f"t{i},{int(i % 4 == 0)}\n" for i in range(120)))
     args = ["--train-file", str(path), "--eval-file", str(path), "--train-size", "40", "--eval-size", "70"]
-    train, _, evaluation, _ = peft_qlora.load_data(config(*args))
+    train, _, evaluation, _, _ = peft_qlora.load_data(config(*args))
     assert Counter(train["labels"]) == {0: 20, 1: 20}
     assert Counter(evaluation["labels"]) == {0: 40, 1: 30}  # class 1 runs out; class 0 fills the rest
     assert len(set(train["text"])) == 40

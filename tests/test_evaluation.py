@@ -73,16 +73,17 @@ def test_early_stopping_ends_the_run_after_epochs_without_progress(tiny_bert, da
 
 
 def cue_texts(n_neg, n_pos, rng):
-    """Texts whose one word is a weak cue: 70% of positive texts say "good", 30% of negative ones do."""
+    """Texts whose one word is a weak cue: 80% of positive texts say "good", 20% of negative ones do."""
     rows = [(f"the film was {'good' if rng.random() < share else 'bad'}", label)
-            for label, n, share in ((0, n_neg, 0.3), (1, n_pos, 0.7)) for _ in range(n)]
+            for label, n, share in ((0, n_neg, 0.2), (1, n_pos, 0.8)) for _ in range(n)]
     rng.shuffle(rows)
     return rows
 
 
 def test_balanced_class_weights_raise_the_minority_class_recall(tiny_bert, tmp_path):
-    """At 9:1, the cue never makes "pos" the likelier class (P(pos | good) = 0.2), so the plain loss learns to say
-    "neg" to everything; weighted, the classes count equally and "good" means "pos" (0.7)."""
+    """At 9:1, the cue never makes "pos" the likelier class (P(pos | good) = 16 / 52 = 0.31), so the plain loss learns
+    to say "neg" to everything; weighted, the classes count equally and "good" means "pos" (0.8). Trained long enough
+    (8 epochs) that the tiny model learns the cue whatever the seed (3 epochs did for some seeds only)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -96,7 +97,7 @@ def test_balanced_class_weights_raise_the_minority_class_recall(tiny_bert, tmp_p
         out = tmp_path / weights
         result = run_cli("--model", tiny_bert, "--train-file", tmp_path / "train.parquet", "--eval-file",
                          tmp_path / "test.parquet", "--train-size", "all", "--eval-size", "all", "--max-length", "16",
-                         "--epochs", "3", "--batch-size", "8", "--learning-rate", "3e-3", "--class-weights", weights,
+                         "--epochs", "8", "--batch-size", "8", "--learning-rate", "1e-2", "--class-weights", weights,
                          "--calibration", "off",
                          "--output-dir", out, "--images-dir", out / "images")
         assert result.returncode == 0, result.stderr[-3000:]
