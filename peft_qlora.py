@@ -167,10 +167,13 @@ class Config:
     cuda_graphs: str = _opt("auto", "auto: on a single CUDA GPU, replay each training step's forward and backward as a "
                             "CUDA graph, captured once per batch shape (eager with several processes, gradient "
                             "checkpointing or --compile); off: always eager", choices=["auto", "off"])
+    liger: str = _opt("auto", "auto: on a CUDA GPU, Liger-Kernel's Triton kernels for RMSNorm, rotary embeddings and "
+                      "SwiGLU in the decoder architectures it covers (Llama, Mistral, Qwen, Gemma, ...): faster steps, "
+                      "less memory; off: the model's own layers", choices=["auto", "off"])
     search: int | None = _opt(None, "try N settings with Optuna (learning rate, LoRA rank and targets, epochs; the "
                               "first trial the given ones), each trained on the training texts and scored on the "
                               "validation texts (needs --validation-size), a trial whose first epoch is in the bottom "
-                              "quarter stopped there; the best settings then train the saved model", "count")
+                              "tenth stopped there; the best settings then train the saved model", "count")
     calibration: str = _opt("temperature", "after training, fit a temperature (one per label for multi-label) on "
                             "held-out texts, so that predicted probabilities match how often the model is right: the "
                             "validation texts, else up to 1,000 rows of the training data not trained on; it changes "
@@ -2102,7 +2105,7 @@ def search_settings(cfg: Config, task: Task, texts: Tokenized, tokenizer, runtim
     """The settings to train the saved model with: as given, or with --search N the best of N trials (their first
     the given settings, so the search ends at least as well as they do). Optuna's TPE sampler draws each trial's
     settings, a trial trains as the recipe does and is scored by its best epoch on the validation texts, the same
-    score that picks the saved model's epoch; a trial whose first epoch is in the bottom quarter of the trials so
+    score that picks the saved model's epoch; a trial whose first epoch is in the bottom tenth of the trials so
     far is stopped there. The best settings then train the saved model anew with the same seed and texts, through
     the same steps as any run (calibration, checkpoints, --resume), rather than keeping a trial's model. Returns
     (the settings, what metrics.json says of the search; None without one)."""
@@ -2125,7 +2128,9 @@ def search_settings(cfg: Config, task: Task, texts: Tokenized, tokenizer, runtim
         # Half the trials drawn at random, the rest by TPE: Optuna's default of 10 random ones would make a search
         # of 8 a random search.
         sampler=optuna.samplers.TPESampler(n_startup_trials=max(2, cfg.search // 2), seed=cfg.seed),
-        pruner=optuna.pruners.PercentilePruner(25.0, n_startup_trials=2, n_warmup_steps=0))
+        # Only a first epoch far behind stops a trial: one of a longer schedule (more epochs, so its learning rate
+        # decays later) trails at its first epoch and may still end ahead (benchmarks/NOTES.md)
+        pruner=optuna.pruners.PercentilePruner(10.0, n_startup_trials=2, n_warmup_steps=0))
     states = optuna.trial.TrialState
     done = [t for t in study.trials if t.state in (states.COMPLETE, states.PRUNED)]
     if not study.trials:  # the given settings first
@@ -2322,6 +2327,8 @@ def make_trainer(cfg: Config, model, tokenizer, texts: Tokenized, task: Task, ru
     and its checkpoints (long runs). Several processes without FSDP each train a copy, which DDP keeps equal."""
     from transformers import EarlyStoppingCallback
     from transformers.trainer_callback import ProgressCallback
+    if cfg.liger == "auto" and runtime.device.type == "cuda":  # before the batches are measured: it saves memory
+        liger_kernels(model)
     wrapped = shard(model, runtime) if runtime.fsdp else model
     plan = choose_batches(cfg, wrapped, runtime, task)
     path = step_path(cfg, runtime, plan)
@@ -2647,6 +2654,32 @@ def graphed_trainer():
             return {**super().record(), "cuda_graphs": {**self.step_graphs.counts, "failure": self.step_graphs.failure}}
 
     return GraphedTrainer
+
+
+def liger_kernels(model) -> list[str]:
+    """Liger-Kernel's Triton kernels in place of the decoder's RMSNorm, rotary embeddings and SwiGLU MLP, through
+    its own per-architecture API, where it covers the architecture: fused kernels, fewer activations kept (the
+    evidence in benchmarks/NOTES.md). Its fused cross-entropy stays off: it would replace the classifier's forward
+    with a language model's. Returns the kernels applied (none for an encoder such as BERT)."""
+    import inspect
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError as e:
+        log.info("Liger-Kernel: not used (%s; pip install liger-kernel, or --liger off)", e)
+        return []
+    # Its first use of each kernel looks for optional backends (CuTe DSL, cuTile) and warns of each it cannot
+    # import; the Triton kernels run without them
+    logging.getLogger("liger_kernel.backends.registry").setLevel(logging.ERROR)
+    base = model.get_base_model()
+    apply = MODEL_TYPE_TO_APPLY_LIGER_FN.get(base.config.model_type)
+    if apply is None:
+        return []
+    switches = inspect.signature(apply).parameters  # each kernel a flag, on by default: rms_norm, rope, swiglu, ...
+    losses = [name for name in switches if "cross_entropy" in name]
+    kernels = [name for name, p in switches.items() if p.default is True and name not in losses]
+    apply(model=base, **dict.fromkeys(losses, False))
+    log.info("Liger-Kernel: %s as Triton kernels (--liger off for the model's own)", ", ".join(kernels))
+    return kernels
 
 
 def compile_layers(model) -> int:
@@ -3079,7 +3112,7 @@ def run_settings(cfg: Config, runtime: Runtime) -> dict:
     folder is (moved to a disk with room, say) do not change what they compute, so a resumed run may change them."""
     settings = asdict(cfg)
     for key in ("resume", "overwrite", "output_dir", "images_dir", "eval_batch_size", "micro_batch_size",
-                "gradient_checkpointing", "cuda_graphs", "save_steps", "save_minutes"):
+                "gradient_checkpointing", "cuda_graphs", "liger", "save_steps", "save_minutes"):
         settings.pop(key)
     if cfg.search:  # what the search chose: its journal holds it
         for key in ("learning_rate", "lora_r", "lora_alpha", "lora_targets", "epochs"):

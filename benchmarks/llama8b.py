@@ -6,6 +6,7 @@ Each process's GPU memory is capped at a T4's 15 GiB (or --cap-gib) with torch.c
 then peft_qlora.main runs with the flags given, choosing its batches as a T4 user's run would.
 
     python benchmarks/llama8b.py make /tmp/llama8b             # the random model, bf16 (15 GB on disk)
+    python benchmarks/llama8b.py --shape smollm2-135m make /tmp/smollm2-shape   # SmolLM2-135M's shapes instead
     python benchmarks/llama8b.py train /tmp/llama8b -- --train-file train.parquet --eval-file test.parquet \\
         --train-size 256 --eval-size 64 --epochs 1 --output-dir /tmp/llama8b-run
     torchrun --nproc_per_node 2 benchmarks/llama8b.py train /tmp/llama8b -- ...    # each GPU capped the same
@@ -30,16 +31,20 @@ import peft_qlora  # noqa: E402
 T4_BYTES = 15 * 2**30
 LLAMA_3_8B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                   intermediate_size=14336, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
+SHAPES = {"llama-3-8b": LLAMA_3_8B,
+          "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                               intermediate_size=1536, vocab_size=49152, max_position_embeddings=8192,
+                               rope_theta=100000.0, tie_word_embeddings=True)}
 
 
-def make(folder):
+def make(folder, shape=LLAMA_3_8B):
     """The random model in bf16, with the project's WordPiece tokenizer (any tokenizer serves: the ids it makes
-    all lie inside the 128,256-token embedding, which is what costs memory)."""
+    all lie inside the embedding, which is what costs memory)."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig
 
     with torch.device("cuda"):  # initialised on the GPU: seconds, not minutes
-        model = AutoModelForSequenceClassification.from_config(LlamaConfig(**LLAMA_3_8B, num_labels=2),
+        model = AutoModelForSequenceClassification.from_config(LlamaConfig(**shape, num_labels=2),
                                                                dtype=torch.bfloat16)
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(os.path.join(HERE, "vocab")).save_pretrained(folder)
@@ -71,10 +76,11 @@ def main():
     parser.add_argument("folder")
     parser.add_argument("--cap-gib", type=float, default=T4_BYTES / 2**30, help="each process's GPU memory cap "
                         "(default: a T4's 15 GiB)")
+    parser.add_argument("--shape", choices=SHAPES, default="llama-3-8b", help="make: the shapes of this model")
     parser.add_argument("flags", nargs="*", help="peft_qlora.py flags, after --")
     args = parser.parse_args()
     if args.command == "make":
-        make(args.folder)
+        make(args.folder, SHAPES[args.shape])
     else:
         sys.exit(run(args.folder, args.flags, int(args.cap_gib * 2**30)))
 

@@ -24,6 +24,7 @@ def test_a_decoder_without_padding_token_trains_and_saves_one(trained_decoder, t
     assert AutoTokenizer.from_pretrained(tiny_llama).pad_token is None, "the model ships without one"
     out, result = trained_decoder
     assert "no padding token: padding with its end-of-sequence token '<|endoftext|>'" in result.stderr
+    assert "Liger-Kernel" not in result.stderr, "its kernels are a GPU's: nothing on a CPU"
     metrics = json.loads((out / "model" / "metrics.json").read_text())
     assert metrics["model"]["quantized_layers"] == 2 * 7  # q, k, v, o, gate, up, down in each layer
     assert metrics["model"]["lora_targets"] == ["q_proj", "v_proj"] and metrics["model"]["trained_heads"] == ["score"]

@@ -5,11 +5,12 @@ graphs trains exactly as the plain one where its capture fails (as it does here,
 one), and the gradients the graphs write into. On a GPU, benchmarks/bench.py --check-graphs compares graphed and
 eager training (benchmarks/NOTES.md)."""
 import logging
+import os
 
 import pytest
 
 import peft_qlora
-from conftest import cpu_runtime
+from conftest import classes, cpu_runtime
 
 
 def gpu_runtime(processes=1):
@@ -119,3 +120,40 @@ def test_gradients_accumulate_in_the_tensors_the_graphs_write_into():
     for g, once in zip(graphs.grads, first):
         assert torch.allclose(g, 2 * once)
     assert graphs.counts["eager"] == 3
+
+
+LIGER_PROBE = """
+import logging
+import sys
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+import peft_qlora
+from conftest import classes, cpu_runtime
+cfg = peft_qlora.Config(model=sys.argv[1])
+model, _ = peft_qlora.build_model(cfg, peft_qlora.load_tokenizer(cfg.model), classes(), cpu_runtime())
+print(peft_qlora.liger_kernels(model))
+layer = model.get_base_model().model.layers[0]
+print(layer.mlp.forward.__qualname__, layer.input_layernorm.forward.__qualname__)
+"""
+
+
+def test_liger_kernels_replace_a_decoders_layers_through_its_api(tiny_llama):
+    """Liger's kernels are Triton (a GPU's): here only the patching is checked, in a process of its own since Liger
+    patches the architecture's module too. Its fused cross-entropy stays off: the classifier keeps its forward."""
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    result = subprocess.run([sys.executable, "-c", LIGER_PROBE, tiny_llama], capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1",
+                                 "PYTHONPATH": os.pathsep.join([os.path.dirname(here), here])})
+    assert result.returncode == 0, result.stderr[-3000:]
+    kernels, forwards = result.stdout.splitlines()[-2:]
+    assert kernels == "['rope', 'rms_norm', 'swiglu']"
+    assert forwards == "LigerSwiGLUMLP.forward LigerRMSNorm.forward"
+    assert "Liger-Kernel: rope, rms_norm, swiglu as Triton kernels" in result.stderr
+
+
+def test_liger_kernels_leave_an_encoder_alone(tiny_bert):
+    model, _ = peft_qlora.build_model(peft_qlora.Config(model=tiny_bert), peft_qlora.load_tokenizer(tiny_bert),
+                                      classes(), cpu_runtime())
+    assert peft_qlora.liger_kernels(model) == []
