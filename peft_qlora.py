@@ -3108,8 +3108,9 @@ def find_best_here(checkpoint: str) -> None:
 
 def run_settings(cfg: Config, runtime: Runtime) -> dict:
     """The settings that decide what a run computes (a resumed run must keep them). How the batches are split
-    in memory, whether their steps run as CUDA graphs, how often checkpoints are written and where the output
-    folder is (moved to a disk with room, say) do not change what they compute, so a resumed run may change them."""
+    in memory, whether their steps run as CUDA graphs or through Liger's kernels, how often checkpoints are written
+    and where the output folder is (moved to a disk with room, say) do not change what they compute, so a resumed
+    run may change them."""
     settings = asdict(cfg)
     for key in ("resume", "overwrite", "output_dir", "images_dir", "eval_batch_size", "micro_batch_size",
                 "gradient_checkpointing", "cuda_graphs", "liger", "save_steps", "save_minutes"):

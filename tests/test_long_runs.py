@@ -13,7 +13,7 @@ import time
 import pytest
 
 import peft_qlora
-from conftest import DATA, SCRIPT, run_cli, train_args
+from conftest import DATA, SCRIPT, run_cli, run_main, train_args
 
 VARIANTS = {  # what a resumed run must handle, each with a run that is stopped inside its first epoch
     "texts": [],
@@ -88,7 +88,7 @@ def state(checkpoint):
 
 
 def test_sigkill_right_after_a_checkpoint_inside_the_first_epoch_then_resume_ends_the_same(tiny_bert, tmp_path,
-                                                                                         reference):
+                                                                                         reference, capsys, caplog):
     out = tmp_path / "killed"
     args = resume_args(tiny_bert, out)
     first = out / "checkpoints" / "checkpoint-16"
@@ -102,15 +102,16 @@ def test_sigkill_right_after_a_checkpoint_inside_the_first_epoch_then_resume_end
     half.mkdir()
     shutil.copy(first / "adapter_model.safetensors", half)
 
-    refused = run_cli(*args)
-    assert refused.returncode == 1 and "pass --resume to continue it" in refused.stderr
-    changed = run_cli(*args, "--resume", "--learning-rate", "0.01")
-    assert changed.returncode == 1 and "these differ from the interrupted run's: learning_rate" in changed.stderr
+    # Refused before any weights load, so checked in this process
+    status, said = run_main(args, capsys, caplog)
+    assert status == 1 and "pass --resume to continue it" in said
+    status, said = run_main([*args, "--resume", "--learning-rate", "0.01"], capsys, caplog)
+    assert status == 1 and "these differ from the interrupted run's: learning_rate" in said
     settings = out / "checkpoints" / "run_config.json"
     saved = settings.read_text()
     settings.write_text(json.dumps({**json.loads(saved), "fsdp": True}))  # as an FSDP run records itself
-    sharded = run_cli(*args, "--resume")
-    assert sharded.returncode == 1 and "these differ from the interrupted run's: fsdp" in sharded.stderr
+    status, said = run_main([*args, "--resume"], capsys, caplog)
+    assert status == 1 and "these differ from the interrupted run's: fsdp" in said
     settings.write_text(saved)
 
     resumed = run_cli(*args, "--resume")  # without --save-steps: how often it saves is not a setting to keep
@@ -220,9 +221,9 @@ def test_a_disk_that_fills_while_a_checkpoint_is_written_keeps_the_previous_one(
     assert_same_end(moved, reference("texts"))
 
 
-def test_resume_without_checkpoints_says_so(tmp_path, tiny_bert, data_files):
-    result = run_cli(*train_args(tiny_bert, data_files, tmp_path), "--resume")
-    assert result.returncode == 1 and "--resume found no checkpoint" in result.stderr
+def test_resume_without_checkpoints_says_so(tmp_path, tiny_bert, data_files, capsys, caplog):
+    status, said = run_main([*train_args(tiny_bert, data_files, tmp_path), "--resume"], capsys, caplog)
+    assert status == 1 and "--resume found no checkpoint" in said
 
 
 def test_a_saved_model_is_replaced_only_on_request(tiny_bert, data_files, tmp_path):

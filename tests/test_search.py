@@ -9,7 +9,7 @@ import time
 import pytest
 
 import peft_qlora
-from conftest import SCRIPT, run_cli, train_args
+from conftest import SCRIPT, run_cli, run_main, train_args
 
 
 def search_args(tiny_bert, data_files, out, trials=3):
@@ -37,7 +37,8 @@ def test_the_search_tries_the_given_settings_first_and_trains_the_best_again(tin
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "model", peft_qlora.SEARCH_FILE]
 
 
-def test_a_search_stopped_by_sigterm_keeps_its_trials_and_resumes(tiny_bert, data_files, tmp_path):
+def test_a_search_stopped_by_sigterm_keeps_its_trials_and_resumes(tiny_bert, data_files, tmp_path, capsys,
+                                                                  caplog):
     args = search_args(tiny_bert, data_files, tmp_path, trials=2)
     process = subprocess.Popen([sys.executable, SCRIPT, *map(str, args)], stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
@@ -53,8 +54,8 @@ def test_a_search_stopped_by_sigterm_keeps_its_trials_and_resumes(tiny_bert, dat
     assert said.strip().splitlines()[-1] == (
         f"stopped by SIGTERM during trial 2 of the search: its 1 finished trials are kept in "
         f"{tmp_path / peft_qlora.SEARCH_FILE}; continue with the same command and --resume (that trial starts again)")
-    again = run_cli(*args)
-    assert again.returncode == 1 and "holds an interrupted search: pass --resume" in again.stderr
+    status, said = run_main(args, capsys, caplog)
+    assert status == 1 and "holds an interrupted search: pass --resume" in said
     resumed = run_cli(*args, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Search: 1 of 2 trials done before, continuing" in resumed.stderr

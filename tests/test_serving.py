@@ -121,7 +121,7 @@ def test_predict_file_errors_say_what_to_fix(case, trained, tmp_path, capsys, ca
     assert not (tmp_path / "o.csv").exists() and not any(p.name.endswith(".partial") for p in tmp_path.iterdir())
 
 
-def test_export_merged_serves_through_a_plain_pipeline(tiny_bert, data_files, tmp_path):
+def test_export_merged_serves_through_a_plain_pipeline(tiny_bert, data_files, tmp_path, capsys, caplog):
     """Trained keeping each review's head, as the pipeline truncates, so long reviews compare too."""
     assert peft_qlora.main(train_args(tiny_bert, data_files, tmp_path / "run", "--truncation", "head")) == 0
     model_dir = tmp_path / "run" / "model"
@@ -150,11 +150,12 @@ def test_export_merged_serves_through_a_plain_pipeline(tiny_bert, data_files, tm
     spread = max(r["pos_prob"] for r in expected) - min(r["pos_prob"] for r in expected)
     assert spread > 1e-2, "the texts get different probabilities, so matching them means something"
 
-    again = run_cli("export", "--merged", out, "--model-dir", model_dir)
-    assert again.returncode != 0 and "exists" in again.stderr
+    status, said = run_main(["export", "--merged", out, "--model-dir", model_dir], capsys, caplog)
+    assert status != 0 and "exists" in said
 
 
-def test_export_without_a_trained_model_says_how_to_train(tmp_path):
-    result = run_cli("export", "--merged", tmp_path / "merged", "--model-dir", tmp_path / "nothing")
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "no trained model" in result.stderr and not (tmp_path / "merged").exists()
+def test_export_without_a_trained_model_says_how_to_train(tmp_path, capsys, caplog):
+    status, said = run_main(["export", "--merged", tmp_path / "merged", "--model-dir", tmp_path / "nothing"], capsys,
+                            caplog)
+    assert status == 1 and "Traceback" not in said
+    assert "no trained model" in said and not (tmp_path / "merged").exists()

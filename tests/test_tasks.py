@@ -509,7 +509,7 @@ def test_each_bad_task_input_is_one_clear_line_and_leaves_nothing(case, tiny_ber
     assert "Traceback" not in said and not out.exists()
 
 
-def test_predict_refuses_inputs_of_the_other_shape(trained_tasks, trained, tmp_path):
+def test_predict_refuses_inputs_of_the_other_shape(trained_tasks, trained, tmp_path, capsys, caplog):
     pairs, single = str(trained_tasks["pairs"][0] / "model"), str(trained[0] / "model")
     with pytest.raises(TypeError, match="this model classifies pairs of texts"):
         peft_qlora.predict("one text", model_dir=pairs)
@@ -517,14 +517,14 @@ def test_predict_refuses_inputs_of_the_other_shape(trained_tasks, trained, tmp_p
         peft_qlora.predict([("a", "pair")], model_dir=single)
     with pytest.raises(TypeError, match="got tuple"):
         peft_qlora.predict([("a", "b", "c")], model_dir=pairs)
-    odd = run_cli("predict", "--model-dir", pairs, "one", "two", "three")
-    assert odd.returncode == 1 and "give them two at a time (text, text_pair, ...); got 3 texts" in odd.stderr
+    status, said = run_main(["predict", "--model-dir", pairs, "one", "two", "three"], capsys, caplog)
+    assert status == 1 and "give them two at a time (text, text_pair, ...); got 3 texts" in said
     shell = run_cli("predict", "--model-dir", pairs, "A fine film.", "A dull one.")
     assert shell.returncode == 0, shell.stderr[-3000:]
     assert [(row["text"], row["text_pair"]) for row in json.loads(shell.stdout)] == [("A fine film.", "A dull one.")]
-    one_column = run_cli("predict", "--model-dir", pairs, "--file", os.path.join(DATA, "imdb_test.parquet"),
-                         "--output", tmp_path / "o.csv")
-    assert one_column.returncode == 1 and "classifies pairs of texts: name their two columns" in one_column.stderr
+    status, said = run_main(["predict", "--model-dir", pairs, "--file", os.path.join(DATA, "imdb_test.parquet"),
+                             "--output", tmp_path / "o.csv"], capsys, caplog)
+    assert status == 1 and "classifies pairs of texts: name their two columns" in said
     assert not (tmp_path / "o.csv").exists()
 
 
