@@ -2354,6 +2354,7 @@ def make_trainer(cfg: Config, model, tokenizer, texts: Tokenized, task: Task, ru
         data_collator=functools.partial(collate, pad_id=tokenizer.pad_token_id, runtime=runtime),
         processing_class=tokenizer, callbacks=callbacks, compute_loss_func=task.loss_function(model),
         compute_metrics=lambda output: task.metrics(*by_text(output.predictions, output.label_ids, evaluated)))
+    trainer.compiled = cfg.compile  # read by the graphed Trainer: a capture that fails retries uncompiled
     trainer.remove_callback(ProgressCallback)  # for one that prints less
     trainer.add_callback(epoch_progress(task))
     if runtime.fsdp:  # the Trainer was made with the unwrapped model, which it inspects, and trains the sharded one
@@ -2534,29 +2535,32 @@ def step_path(cfg: Config, runtime: Runtime, plan: BatchPlan) -> str:
               "no CUDA GPU" if runtime.device.type != "cuda" else
               "FSDP" if runtime.fsdp else
               "several processes, whose gradients are averaged during the backward pass" if runtime.num_processes > 1
-              else "gradient checkpointing" if plan.gradient_checkpointing else
-              "--compile" if cfg.compile else None)
+              else "gradient checkpointing" if plan.gradient_checkpointing else None)
     if reason:
         log.info("Training steps: eager (%s)", reason)
     else:
-        log.info("Training steps: CUDA graphs, one captured per batch shape (--cuda-graphs off for eager steps)")
+        log.info("Training steps: CUDA graphs, one captured per batch shape%s (--cuda-graphs off for eager steps)",
+                 ", of compiled layers" if cfg.compile else "")
     return "graphs" if reason is None else "sharded" if runtime.fsdp else "eager"
 
 
 class StepGraphs:
     """Training steps (forward and backward: step(tensors) -> loss) replayed as CUDA graphs, one per shape of the
-    input tensors. The run's first step is eager, so that everything a step initialises lazily is in place; each
-    new shape after it is captured, then replayed, and every later batch of that shape replays the capture with its
-    tensors copied in. The graphs share one memory pool, and write the gradients into tensors bound to the trainable
-    parameters once; the optimizer, gradient clipping and the loss scaler stay outside them. Dropout draws new
-    random numbers at every replay (PyTorch advances the generator's offset). A capture that fails turns the graphs
-    off for the rest of the run, with one warning, and its step runs eagerly."""
+    input tensors. A shape's first step runs eagerly, so that all a step prepares for a new shape as it first runs
+    (compiled code, kernels' choices) is in place: none of it can be captured. Its second step is captured, then
+    replayed, and every later batch of that shape replays the capture with its tensors copied in. The graphs share
+    one memory pool, and write the gradients into tensors bound to the trainable parameters once; the optimizer,
+    gradient clipping and the loss scaler stay outside them. Dropout, compiled or not, draws new random numbers at
+    every replay (PyTorch advances the generator's offset). A capture that fails is warned of once: with compiled
+    layers, the layers run uncompiled from then on and the graphs go on; without, the steps run eagerly."""
 
-    def __init__(self, parameters):
+    def __init__(self, parameters, compiled: bool = False):
         import torch
         self.params = [p for p in parameters if p.requires_grad]
         self.grads = [torch.zeros_like(p) for p in self.params]
+        self.compiled = compiled
         self.graphs: dict = {}  # shape key -> (graph, its input tensors, its loss tensor)
+        self.seen: set = set()  # the shape keys that ran once eagerly
         self.pool = self.stream = None  # made at the first capture
         self.counts = {"captured": 0, "replayed": 0, "eager": 0}
         self.failure: str | None = None
@@ -2573,7 +2577,8 @@ class StepGraphs:
             graph.replay()
             self.counts["replayed"] += 1
             return loss.clone()  # the graphs share a pool: another graph's replay may write where this loss is
-        if self.failure or not any(self.counts.values()):
+        if self.failure or key not in self.seen:
+            self.seen.add(key)
             self.counts["eager"] += 1
             return step(tensors)
         static = {name: tensor.clone() for name, tensor in tensors.items()}  # outside the graphs' pool
@@ -2581,19 +2586,36 @@ class StepGraphs:
             if self.pool is None:
                 self.pool, self.stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream()
             graph = torch.cuda.CUDAGraph()
-            # thread_local: the data loader's threads may use CUDA (pinned memory) while this thread captures
-            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
+            # thread_local: the data loader's threads may use CUDA (pinned memory) while this thread captures; and
+            # code compiled for no earlier step runs uncompiled rather than compile inside the capture
+            with (torch.compiler.set_stance("eager_on_recompile"),
+                  torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local")):
                 loss = step(static)
         except RuntimeError as e:  # what CUDA refused to capture; a mistake in the step itself recurs eagerly below
-            self.failure = f"{type(e).__name__}: {str(e).splitlines()[0]}"
-            log.warning("A training step could not be captured as a CUDA graph (%s): eager steps from here on",
-                        self.failure)
-            self.counts["eager"] += 1
-            return step(tensors)
+            return self.refused(step, tensors, f"{type(e).__name__}: {str(e).splitlines()[0]}")
         self.graphs[key] = (graph, static, loss)
         self.counts["captured"] += 1
         graph.replay()  # the capture recorded the step without computing it
         return loss.clone()
+
+    def refused(self, step, tensors: dict, failure: str):
+        """After a capture that failed: the step run eagerly, and the runs after it without compiled layers (then
+        captured again) or eagerly."""
+        import torch
+        if torch.cuda.is_available():  # a capture left unfinished leaves the generator expecting to be captured
+            generator = torch.cuda.default_generators[torch.cuda.current_device()]
+            generator.graphsafe_set_state(generator.clone_state())
+        if self.compiled:
+            log.warning("A training step of compiled layers could not be captured as a CUDA graph (%s): CUDA graphs "
+                        "of the uncompiled layers from here on", failure)
+            torch.compiler.set_stance("force_eager")
+            self.compiled = False
+        else:
+            self.failure = failure
+            log.warning("A training step could not be captured as a CUDA graph (%s): eager steps from here on",
+                        failure)
+        self.counts["eager"] += 1
+        return step(tensors)
 
     def bind_gradients(self) -> None:
         """Each trainable parameter's .grad is its own tensor, which the graphs accumulate into: zeroed in place
@@ -2621,10 +2643,11 @@ def graphed_trainer():
 
     class GraphedTrainer(recipe_trainer()):
         step_graphs: StepGraphs | None = None
+        compiled = False  # whether the model's layers are compiled (make_trainer sets it)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             if self.step_graphs is None:
-                self.step_graphs = StepGraphs(model.parameters())
+                self.step_graphs = StepGraphs(model.parameters(), compiled=self.compiled)
             tensors = dict(self._prepare_inputs(inputs))
             counted = torch.is_tensor(num_items_in_batch)
             if counted:

@@ -170,7 +170,7 @@ def build(mode, folder, cfg, runtime):
     return model, tokenizer
 
 
-def fixed_shape(model, args, runtime, vocab_size, graphs):
+def fixed_shape(model, args, runtime, vocab_size, graphs, compiled):
     """Training steps on full 512-token batches in a plain loop: the rate the FLOP bound is compared with. With
     graphs, forward and backward run through peft_qlora.StepGraphs, as the script's steps do. Returns (reviews/s,
     peak memory, warm-up s, wall ms a step, GPU kernel ms a step of the eager loop, or None on a CPU)."""
@@ -186,7 +186,7 @@ def fixed_shape(model, args, runtime, vocab_size, graphs):
     batch["attention_mask"] = torch.ones_like(batch["input_ids"])
     model.train()
     autocast = torch.autocast(device.type, dtype=runtime.dtype, enabled=runtime.precision != "fp32")
-    step_graphs = peft_qlora.StepGraphs(model.parameters()) if graphs else None
+    step_graphs = peft_qlora.StepGraphs(model.parameters(), compiled) if graphs else None
 
     def forward_backward(tensors):
         with autocast:
@@ -353,20 +353,26 @@ def compare_graphs(folder, cfg, runtime, texts, dropout):
     """The eager and graphed runs of check_graphs: losses, and the largest weight difference over the largest
     weight."""
     import torch
+    import torch._dynamo
     from datasets import Dataset
     from transformers import set_seed
 
     runs = {}
-    for name, graphs in (("eager", False), ("eager_again", False), ("graphs", True)):
+    modes = [("eager", False, False), ("eager_again", False, False), ("graphs", True, False)]
+    if runtime.device.type == "cuda":  # elsewhere the steps are eager, and compiling on a CPU is slow
+        modes.append(("compiled_graphs", True, True))
+    for name, graphs, compiled in modes:
         set_seed(cfg.seed)
         model, tokenizer = build("qlora", folder, cfg, runtime)
+        if compiled:
+            peft_qlora.compile_layers(model)
         if not dropout:
             for module in model.modules():
                 if isinstance(module, torch.nn.Dropout):
                     module.p = 0.0
         data = peft_qlora.tokenize(Dataset.from_dict({"text": texts, "labels": [i % 2 for i in range(len(texts))]}),
                                    tokenizer, cfg.max_length, cfg.truncation)
-        run_cfg = dataclasses.replace(cfg, cuda_graphs="auto" if graphs else "off",
+        run_cfg = dataclasses.replace(cfg, cuda_graphs="auto" if graphs else "off", compile=compiled,
                                       output_dir=tempfile.mkdtemp(prefix="bench-check-"))
         trainer = training_alone(peft_qlora.make_trainer(
             run_cfg, model, tokenizer, peft_qlora.Tokenized(data, None, data.select(range(8))), IMDB, runtime))
@@ -376,8 +382,10 @@ def compare_graphs(folder, cfg, runtime, texts, dropout):
                       "cuda_graphs": graph_counts and {**graph_counts.counts, "failure": graph_counts.failure},
                       "weights": {n: p.detach().float().cpu() for n, p in model.named_parameters() if p.requires_grad}}
         del model, trainer
+        torch._dynamo.reset()
         reset_memory()
     eager, again, graphed = (runs[name]["weights"] for name in ("eager", "eager_again", "graphs"))
+    compiled = runs.get("compiled_graphs", {"weights": graphed, "train_loss": None, "cuda_graphs": None})
     scale = max(w.abs().max().item() for w in eager.values())
 
     def apart(a, b):
@@ -388,9 +396,13 @@ def compare_graphs(folder, cfg, runtime, texts, dropout):
     return {"reviews": len(texts), "train_loss_eager": runs["eager"]["train_loss"],
             "train_loss_eager_again": runs["eager_again"]["train_loss"],
             "train_loss_graphs": runs["graphs"]["train_loss"], "cuda_graphs": runs["graphs"]["cuda_graphs"],
+            "train_loss_compiled_graphs": compiled["train_loss"], "compiled_cuda_graphs": compiled["cuda_graphs"],
             "weights_max_abs": scale, "relative_difference": apart(eager, graphed),
+            "relative_difference_compiled_graphs": apart(eager, compiled["weights"]) if "compiled_graphs" in runs
+            else None,
             "relative_difference_eager_again": apart(eager, again),
-            "weights_finite": bool(all(torch.isfinite(w).all() for w in graphed.values()))}
+            "weights_finite": bool(all(torch.isfinite(w).all() for d in (graphed, compiled["weights"])
+                                       for w in d.values()))}
 
 
 def default_run(folder, train_file, test_file, extra_flags):
@@ -451,7 +463,7 @@ def main():
         graphs = mode != "naive" and peft_qlora.step_path(
             mode_cfg, runtime, peft_qlora.BatchPlan(args.batch_size, 1, peft_qlora.DEFAULT_EVAL_BATCH, False)) == "graphs"
         rate, memory, warmup, wall_ms, kernel_ms, kernel_table = fixed_shape(model, args, runtime, config.vocab_size,
-                                                                             graphs)
+                                                                             graphs, compiled)
         row = {"reviews_per_s": rate, "tokens_per_s": rate * args.max_length, "peak_memory_gib": memory / 2**30,
                "warmup_s": warmup, "step_wall_ms": wall_ms, "step_kernel_ms": kernel_ms, "fixed_shape_graphs": graphs,
                "step_kernels": kernel_table}

@@ -29,7 +29,7 @@ PLAN = peft_qlora.BatchPlan(32, 1, 256, False)
     ([], cpu_runtime, PLAN, "no CUDA GPU"),
     ([], lambda: gpu_runtime(processes=2), PLAN, "several processes"),
     ([], gpu_runtime, PLAN._replace(gradient_checkpointing=True), "gradient checkpointing"),
-    (["--compile"], gpu_runtime, PLAN, "--compile"),
+    (["--compile"], gpu_runtime, PLAN, None),
 ])
 def test_graphs_run_on_a_single_gpu_and_the_log_says_why_not_elsewhere(flags, runtime, plan, reason, caplog):
     caplog.set_level(logging.INFO, logger="peft_qlora")
@@ -38,6 +38,7 @@ def test_graphs_run_on_a_single_gpu_and_the_log_says_why_not_elsewhere(flags, ru
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Training steps:")]
     assert len(lines) == 1
     assert ("Training steps: CUDA graphs" in lines[0]) if reason is None else (f"eager ({reason}" in lines[0])
+    assert ("of compiled layers" in lines[0]) == ("--compile" in flags)
 
 
 def test_whether_steps_are_graphed_is_not_a_setting_a_resumed_run_must_keep():
@@ -79,7 +80,7 @@ def test_where_a_capture_fails_the_graphed_trainer_warns_once_and_trains_exactly
     assert graphed_loss == plain_loss
     for name, weight in plain_weights.items():
         assert graphed_weights[name].equal(weight), name
-    # 15 micro-batches: the first eager as every run's, the second's capture refused (no GPU), all eager after it
+    # 15 micro-batches: each shape's first eager, the first repeated shape's capture refused (no GPU), all eager
     assert graphed.step_graphs.counts == {"captured": 0, "replayed": 0, "eager": 15}
     assert graphed.step_graphs.failure.startswith("RuntimeError: Tried to instantiate dummy base class")
     warnings = [r.getMessage() for r in caplog.records if "could not be captured as a CUDA graph" in r.getMessage()]

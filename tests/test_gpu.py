@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+import peft_qlora
 from conftest import run_cli, train_args
 
 torch = pytest.importorskip("torch")
@@ -25,3 +26,93 @@ def test_liger_kernels_train_a_decoder_as_its_own_layers_do(tiny_llama, data_fil
     for on, off in zip(histories["auto"], histories["off"], strict=True):
         assert on["train_loss"] == pytest.approx(off["train_loss"], rel=2e-2)
         assert on["loss"] == pytest.approx(off["loss"], rel=2e-2)
+
+
+@pytest.fixture(scope="module")
+def bert_without_dropout(tmp_path_factory, vocab_file):
+    """The tiny BERT with no dropout of its own: eager, graphed and compiled steps then compute the same numbers, up
+    to the order kernels add in."""
+    from transformers import BertConfig
+
+    from conftest import save_tiny_model
+
+    config = BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=128, max_position_embeddings=128, initializer_range=0.2,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return save_tiny_model(tmp_path_factory.mktemp("bert-without-dropout"), config, vocab_file)
+
+
+def trained(model, data_files, out, *flags):
+    """A run through the command line: (its metrics.json, what it logged)."""
+    result = run_cli(*train_args(model, data_files, out, "--lora-dropout", "0", *flags))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((out / "model" / "metrics.json").read_text()), result.stderr
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_graphed_and_compiled_graphed_steps_train_as_eager_steps_do(bert_without_dropout, data_files, tmp_path,
+                                                                    precision):
+    """Eager steps, CUDA graphs, and CUDA graphs of compiled layers: the same losses within what kernels adding in
+    another order give; fp16 (a T4's precision) through its loss scaler too. Each graphed run captured its shapes and
+    replayed them, with no capture refused."""
+    runs = {}
+    for name, flags in (("eager", ["--cuda-graphs", "off"]), ("graphs", []), ("compiled", ["--compile"])):
+        metrics, log = trained(bert_without_dropout, data_files, tmp_path / name, "--precision", precision, *flags)
+        assert "could not be captured" not in log
+        runs[name] = metrics
+    assert "cuda_graphs" not in runs["eager"]["training"]
+    for name in ("graphs", "compiled"):
+        counts = runs[name]["training"]["cuda_graphs"]
+        assert counts["captured"] >= 1 and counts["replayed"] > counts["captured"] and counts["failure"] is None
+        for graphed, eager in zip(runs[name]["history"], runs["eager"]["history"], strict=True):
+            assert graphed["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-2), name
+            assert graphed["loss"] == pytest.approx(eager["loss"], rel=1e-2), name
+
+
+def test_dropout_draws_new_numbers_at_each_replay_of_compiled_layers():
+    """A compiled layer with dropout, captured: each replay drops another half of the outputs, as eager steps do."""
+    import torch
+
+    layer = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Dropout(0.5)).cuda()
+    layer.compile(dynamic=True)
+    graphs = peft_qlora.StepGraphs(layer.parameters(), compiled=True)
+    x = torch.ones(64, 256, device="cuda")
+
+    def step(tensors):
+        out = layer(tensors["x"])
+        out.sum().backward()
+        return (out == 0).flatten().float()  # which outputs were dropped
+
+    dropped = [graphs(step, {"x": x}) for _ in range(5)]  # eager, captured, replayed thrice
+    assert graphs.counts == {"captured": 1, "replayed": 3, "eager": 1} and graphs.failure is None
+    assert all(0.45 < float(d.mean()) < 0.55 for d in dropped), "about half dropped each time"
+    for i, a in enumerate(dropped):
+        for b in dropped[i + 1:]:
+            assert 0.4 < float((a != b).float().mean()) < 0.6, "independent masks"
+
+
+def test_a_capture_refused_mid_step_falls_back_uncompiled_then_eager_with_dropout_still_working(caplog):
+    """A step CUDA cannot capture (it reads a value back to the CPU): with compiled layers, the step runs eagerly and
+    the layers uncompiled from then on; refused again, the steps run eagerly. Dropout keeps working after each refused
+    capture (an unfinished capture leaves the random generator expecting one)."""
+    import torch
+
+    layer = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Dropout(0.5)).cuda()
+    graphs = peft_qlora.StepGraphs(layer.parameters(), compiled=True)
+    x = torch.ones(8, 32, device="cuda")
+
+    def step(tensors):
+        out = layer(tensors["x"])
+        loss = out.sum()
+        loss.backward()
+        float(loss)  # a copy to the CPU: refused while capturing
+        return loss.detach()
+
+    try:
+        losses = [graphs(step, {"x": x}) for _ in range(4)]
+    finally:
+        torch.compiler.set_stance("default")
+    assert all(torch.isfinite(loss) for loss in losses)
+    assert graphs.counts == {"captured": 0, "replayed": 0, "eager": 4} and graphs.failure
+    messages = [r.getMessage() for r in caplog.records if "could not be captured" in r.getMessage()]
+    assert len(messages) == 2 and "uncompiled layers from here on" in messages[0] and "eager steps" in messages[1]
