@@ -162,11 +162,11 @@ class Config:
     class_weights: str = _opt("none", "balanced: weigh each class's loss by the inverse of its share of the training "
                               "texts, for imbalanced labels (multi-label: each label's texts weighed as much as the "
                               "texts without it)", choices=["none", "balanced"])
-    compile: bool = _opt(False, "torch.compile each of the model's repeated layers (regional compilation): faster "
-                         "steps after a one-off compilation, which pays on long runs only")
-    cuda_graphs: str = _opt("auto", "auto: on a single CUDA GPU, replay each training step's forward and backward as a "
-                            "CUDA graph, captured once per batch shape (eager with several processes, gradient "
-                            "checkpointing or --compile); off: always eager", choices=["auto", "off"])
+    fast_path: str = _opt("auto", "how training steps run. graphs: on a single CUDA GPU, each step's forward and "
+                          "backward replayed as a CUDA graph, captured once per batch shape (eager with several "
+                          "processes or gradient checkpointing); compiled: the same, of layers compiled with "
+                          "torch.compile, whose one-off compilation pays on long runs only; auto: graphs; off: "
+                          "eager steps", choices=["auto", "graphs", "compiled", "off"])
     liger: str = _opt("auto", "auto: on a CUDA GPU, Liger-Kernel's Triton kernels for RMSNorm, rotary embeddings and "
                       "SwiGLU in the decoder architectures it covers (Llama, Mistral, Qwen, Gemma, ...): faster steps, "
                       "less memory; off: the model's own layers", choices=["auto", "off"])
@@ -2323,7 +2323,7 @@ def device_name(runtime: Runtime) -> str:
 def make_trainer(cfg: Config, model, tokenizer, texts: Tokenized, task: Task, runtime: Runtime):
     """The Trainer the recipe evaluates, trains and saves with, and how its steps run, decided once: under FSDP the
     model sharded first (shard), then the batches that fit (choose_batches, measured on the model as it will run),
-    then the step path (step_path: CUDA graphs, eager or sharded), compiled layers (--compile), the output folder
+    then the step path (step_path: CUDA graphs, eager or sharded, of compiled layers or not), the output folder
     and its checkpoints (long runs). Several processes without FSDP each train a copy, which DDP keeps equal."""
     from transformers import EarlyStoppingCallback
     from transformers.trainer_callback import ProgressCallback
@@ -2331,8 +2331,8 @@ def make_trainer(cfg: Config, model, tokenizer, texts: Tokenized, task: Task, ru
         liger_kernels(model)
     wrapped = shard(model, runtime) if runtime.fsdp else model
     plan = choose_batches(cfg, wrapped, runtime, task)
-    path = step_path(cfg, runtime, plan)
-    if cfg.compile:
+    path, compiled = step_path(cfg, runtime, plan)
+    if compiled:
         compile_layers(model)
     checkpoints, resume_from = prepare_output_dir(cfg, runtime)
     schedule = checkpoint_schedule(cfg.save_steps, cfg.save_minutes, runtime)
@@ -2354,7 +2354,7 @@ def make_trainer(cfg: Config, model, tokenizer, texts: Tokenized, task: Task, ru
         data_collator=functools.partial(collate, pad_id=tokenizer.pad_token_id, runtime=runtime),
         processing_class=tokenizer, callbacks=callbacks, compute_loss_func=task.loss_function(model),
         compute_metrics=lambda output: task.metrics(*by_text(output.predictions, output.label_ids, evaluated)))
-    trainer.compiled = cfg.compile  # read by the graphed Trainer: a capture that fails retries uncompiled
+    trainer.compiled = compiled  # read by the graphed Trainer: a capture that fails retries uncompiled
     trainer.remove_callback(ProgressCallback)  # for one that prints less
     trainer.add_callback(epoch_progress(task))
     if runtime.fsdp:  # the Trainer was made with the unwrapped model, which it inspects, and trains the sharded one
@@ -2526,22 +2526,25 @@ def attention_kernels(device):
 # The fast path: training steps replayed as CUDA graphs, layers compiled
 
 
-def step_path(cfg: Config, runtime: Runtime, plan: BatchPlan) -> str:
-    """How the training steps run, said in one line: "graphs" (StepGraphs), "sharded" (FSDP, eager) or "eager". An
-    eager QLoRA step at bert-base's shape kept the GPU busy a third to a half of its wall time: the rest was the
-    CPU running bitsandbytes' and peft's Python for every layer while the GPU waited; a graph launches a whole
-    step's kernels at once (benchmarks/NOTES.md)."""
-    reason = ("--cuda-graphs off" if cfg.cuda_graphs == "off" else
+def step_path(cfg: Config, runtime: Runtime, plan: BatchPlan) -> tuple[str, bool]:
+    """How the training steps run, said in one line: ("graphs" (StepGraphs), "sharded" (FSDP, eager) or "eager",
+    whether the layers are compiled). An eager QLoRA step at bert-base's shape kept the GPU busy a third to a half of
+    its wall time: the rest was the CPU running bitsandbytes' and peft's Python for every layer while the GPU
+    waited; a graph launches a whole step's kernels at once, and compiled layers fuse the small ones
+    (benchmarks/NOTES.md)."""
+    compiled = cfg.fast_path == "compiled"
+    reason = ("--fast-path off" if cfg.fast_path == "off" else
               "no CUDA GPU" if runtime.device.type != "cuda" else
               "FSDP" if runtime.fsdp else
               "several processes, whose gradients are averaged during the backward pass" if runtime.num_processes > 1
               else "gradient checkpointing" if plan.gradient_checkpointing else None)
+    layers = ", of compiled layers" if compiled else ""
     if reason:
-        log.info("Training steps: eager (%s)", reason)
+        log.info("Training steps: eager (%s)%s", reason, layers)
     else:
-        log.info("Training steps: CUDA graphs, one captured per batch shape%s (--cuda-graphs off for eager steps)",
-                 ", of compiled layers" if cfg.compile else "")
-    return "graphs" if reason is None else "sharded" if runtime.fsdp else "eager"
+        log.info("Training steps: CUDA graphs, one captured per batch shape%s (--fast-path off for eager steps)",
+                 layers)
+    return ("graphs" if reason is None else "sharded" if runtime.fsdp else "eager"), compiled
 
 
 class StepGraphs:
@@ -3131,12 +3134,12 @@ def find_best_here(checkpoint: str) -> None:
 
 def run_settings(cfg: Config, runtime: Runtime) -> dict:
     """The settings that decide what a run computes (a resumed run must keep them). How the batches are split
-    in memory, whether their steps run as CUDA graphs or through Liger's kernels, how often checkpoints are written
+    in memory, whether their steps run as CUDA graphs, compiled or through Liger's kernels, how often checkpoints are written
     and where the output folder is (moved to a disk with room, say) do not change what they compute, so a resumed
     run may change them."""
     settings = asdict(cfg)
     for key in ("resume", "overwrite", "output_dir", "images_dir", "eval_batch_size", "micro_batch_size",
-                "gradient_checkpointing", "cuda_graphs", "liger", "save_steps", "save_minutes"):
+                "gradient_checkpointing", "fast_path", "liger", "save_steps", "save_minutes"):
         settings.pop(key)
     if cfg.search:  # what the search chose: its journal holds it
         for key in ("learning_rate", "lora_r", "lora_alpha", "lora_targets", "epochs"):
@@ -3505,7 +3508,7 @@ def prepare_4bit_layers(model) -> int:
             module.support_avx512bf16_for_cpu = False
             module.register_forward_pre_hook(autocast_input)
             # bitsandbytes casts the bias to the compute dtype in place at the first forward pass; done here,
-            # the forward pass mutates nothing, so torch.compile (--compile) traces it without a graph break.
+            # the forward pass mutates nothing, so torch.compile (--fast-path compiled) traces it without a graph break.
             if module.bias is not None:
                 module.bias.data = module.bias.data.to(module.compute_dtype)
             if any(part in HEAD_MODULES for part in name.split(".")):

@@ -8,11 +8,11 @@ On a bert-base-shaped model (random BertConfig() weights: the same FLOPs and byt
           padded to 512, random order, default Trainer settings (batch 8), bf16
   lora    plain LoRA (same config) on a bf16 base, no quantization, the project's data pipeline
   full    full fine-tuning in bf16 mixed precision, the project's data pipeline
-  qlora-compile, lora-compile   the same with peft_qlora.py --compile (each repeated layer compiled); the
+  qlora-compile, lora-compile   the same with peft_qlora.py --fast-path compiled (each repeated layer compiled); the
           epoch includes the compilation, the fixed-shape rate does not (its warm-up does)
 
 Every mode but naive trains its steps the way peft_qlora.py would (peft_qlora.step_path: CUDA graphs on
-a single GPU, unless --cuda-graphs off). For each: a fixed shape (a plain loop of training steps on batches of
+a single GPU, unless --fast-path off). For each: a fixed shape (a plain loop of training steps on batches of
 512-token reviews): reviews/s, tokens/s, peak memory, the fraction of the FLOP bound (the card's bf16 matmul
 rate, measured in the same run), and a step's wall time against its GPU kernel time (torch.profiler over eager
 steps of the same loop); and one epoch of the Trainer over real IMDb reviews: wall time, reviews/s, real
@@ -65,8 +65,8 @@ def parse_args():
     p.add_argument("--predict-reviews", type=int, default=5000, help="reviews predict() and the Trainer's "
                    "evaluation classify")
     p.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES)
-    p.add_argument("--cuda-graphs", choices=["auto", "off"], default="auto", help="peft_qlora.py's --cuda-graphs for "
-                   "every mode but naive")
+    p.add_argument("--fast-path", choices=["graphs", "off"], default="graphs", help="peft_qlora.py's --fast-path "
+                   "for every mode but naive (the -compile modes: compiled, unless off)")
     p.add_argument("--check-graphs", type=int, default=0, metavar="N", help="train N reviews with and without CUDA "
                    "graphs and compare")
     p.add_argument("--default-run", metavar="TEST", help="time peft_qlora.py with its defaults, trained on --data "
@@ -364,15 +364,13 @@ def compare_graphs(folder, cfg, runtime, texts, dropout):
     for name, graphs, compiled in modes:
         set_seed(cfg.seed)
         model, tokenizer = build("qlora", folder, cfg, runtime)
-        if compiled:
-            peft_qlora.compile_layers(model)
         if not dropout:
             for module in model.modules():
                 if isinstance(module, torch.nn.Dropout):
                     module.p = 0.0
         data = peft_qlora.tokenize(Dataset.from_dict({"text": texts, "labels": [i % 2 for i in range(len(texts))]}),
                                    tokenizer, cfg.max_length, cfg.truncation)
-        run_cfg = dataclasses.replace(cfg, cuda_graphs="auto" if graphs else "off", compile=compiled,
+        run_cfg = dataclasses.replace(cfg, fast_path="compiled" if compiled else "graphs" if graphs else "off",
                                       output_dir=tempfile.mkdtemp(prefix="bench-check-"))
         trainer = training_alone(peft_qlora.make_trainer(
             run_cfg, model, tokenizer, peft_qlora.Tokenized(data, None, data.select(range(8))), IMDB, runtime))
@@ -443,7 +441,7 @@ def main():
                                  "--batch-size", str(args.batch_size), "--micro-batch-size", str(args.batch_size),
                                  "--eval-batch-size", str(peft_qlora.DEFAULT_EVAL_BATCH),
                                  "--gradient-checkpointing", "off", "--output-dir", workdir,
-                                 "--cuda-graphs", args.cuda_graphs]
+                                 "--fast-path", args.fast_path]
                                 + (["--batching", args.batching] if args.batching else []))
     peak = matmul_peak_tflops()
     rows, extra = {}, {}
@@ -455,13 +453,14 @@ def main():
         print("default run", json.dumps(extra["default_run"]), flush=True)
     for mode in args.modes:
         compiled = mode.endswith("-compile")
-        mode_cfg = dataclasses.replace(cfg, compile=compiled)
+        mode_cfg = dataclasses.replace(cfg, fast_path="compiled") if compiled and args.fast_path != "off" else cfg
         reset_memory()
         model, tokenizer = build(mode, folder, mode_cfg, runtime)
         if compiled:
             peft_qlora.compile_layers(model)
-        graphs = mode != "naive" and peft_qlora.step_path(
-            mode_cfg, runtime, peft_qlora.BatchPlan(args.batch_size, 1, peft_qlora.DEFAULT_EVAL_BATCH, False)) == "graphs"
+        path, _ = peft_qlora.step_path(mode_cfg, runtime,
+                                       peft_qlora.BatchPlan(args.batch_size, 1, peft_qlora.DEFAULT_EVAL_BATCH, False))
+        graphs = mode != "naive" and path == "graphs"
         rate, memory, warmup, wall_ms, kernel_ms, kernel_table = fixed_shape(model, args, runtime, config.vocab_size,
                                                                              graphs, compiled)
         row = {"reviews_per_s": rate, "tokens_per_s": rate * args.max_length, "peak_memory_gib": memory / 2**30,
@@ -473,9 +472,7 @@ def main():
         del model
         torch._dynamo.reset()  # the epoch compiles afresh, so its time includes the compilation
         reset_memory()
-        model, tokenizer = build(mode, folder, mode_cfg, runtime)  # fresh weights and optimizer for the epoch
-        if compiled:
-            peft_qlora.compile_layers(model)
+        model, tokenizer = build(mode, folder, mode_cfg, runtime)  # fresh weights and optimizer (make_trainer compiles)
         epoch, trainer = one_epoch(mode, model, tokenizer, epoch_texts, mode_cfg, runtime, workdir, config)
         row.update(epoch)
         if peak:
@@ -570,7 +567,7 @@ def report(rows, extra, args, peak, runtime, epoch_reviews, all_reviews, cfg, co
               "pad_multiple": runtime.pad_multiple,
               "model": args.model or ("tiny random BERT" if args.tiny else "random bert-base shape"),
               "epoch_reviews": epoch_reviews, "tiny": args.tiny, "versions": peft_qlora.versions(), "modes": rows,
-              "cuda_graphs": args.cuda_graphs, **extra, "command": " ".join(sys.argv)}
+              "fast_path": args.fast_path, **extra, "command": " ".join(sys.argv)}
     for mode, row in rows.items():  # an epoch over every review of --data, from the rate on epoch_reviews;
         # not for compiled modes on a part of the data: their time includes the one-off compilation
         partial_compiled = mode.endswith("-compile") and epoch_reviews < all_reviews

@@ -6,11 +6,11 @@
 # fsdp (issue 19): the default run plain and under FSDP at one process (accelerate launch --config_file fsdp.yaml)
 #   for each seed of SEEDS (default 42), the saved models of seed 42 then read back by predict --file on all of TEST;
 #   FSDP with --precision fp16 (1 epoch); the FSDP run stopped inside epoch 2 and resumed, as in resume.
-#   PLAIN_FLAGS="--cuda-graphs off": the plain runs step eagerly, as FSDP's do (folders plain_eager_seed*).
+#   PLAIN_FLAGS="--fast-path off": the plain runs step eagerly, as FSDP's do (folders plain_eager_seed*).
 # fsdp8b (issue 19): the Llama-3-8B shape (benchmarks/llama8b.py, made in /tmp/llama8b; MODEL unused), plain and
 #   under FSDP at one process, each capped at a T4's 15 GiB.
 # fsdpflags (issue 19): FSDP at one process and plain (eager) with each of --validation-size 400, --batching tokens
-#   and --compile.
+#   and --fast-path compiled.
 set -uo pipefail
 model=$1 train=$2 test=$3 out=$4 mode=${5:-resume}
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -61,9 +61,9 @@ elif [ "$mode" = fsdp ]; then
   for run in ${plain}_seed42 fsdp_seed42 fsdp_fp16; do [ -d "$out/$run/model" ] && read_back $run & done
 elif [ "$mode" = fsdpflags ]; then
   port=29510
-  for flags in "--validation-size 400" "--batching tokens" "--compile"; do
+  for flags in "--validation-size 400" "--batching tokens" "--fast-path compiled"; do
     name=$(echo "$flags" | tr -d '-' | tr ' ' '_')
-    python3 "$script" "${common[@]}" --cuda-graphs off $flags --output-dir "$out/plain_$name" \
+    python3 "$script" "${common[@]}" --fast-path off $flags --output-dir "$out/plain_$name" \
       --images-dir "$out/plain_$name/images" > "$out/plain_$name.log" 2>&1 &
     port=$((port + 1))
     "${fsdp[@]}" --main_process_port $port "$script" "${common[@]}" $flags --output-dir "$out/fsdp_$name" \

@@ -25,27 +25,28 @@ PLAN = peft_qlora.BatchPlan(32, 1, 256, False)
 
 @pytest.mark.parametrize("flags, runtime, plan, reason", [
     ([], gpu_runtime, PLAN, None),
-    (["--cuda-graphs", "off"], gpu_runtime, PLAN, "--cuda-graphs off"),
+    (["--fast-path", "off"], gpu_runtime, PLAN, "--fast-path off"),
     ([], cpu_runtime, PLAN, "no CUDA GPU"),
     ([], lambda: gpu_runtime(processes=2), PLAN, "several processes"),
     ([], gpu_runtime, PLAN._replace(gradient_checkpointing=True), "gradient checkpointing"),
-    (["--compile"], gpu_runtime, PLAN, None),
+    (["--fast-path", "compiled"], gpu_runtime, PLAN, None),
+    (["--fast-path", "compiled"], cpu_runtime, PLAN, "no CUDA GPU"),
 ])
 def test_graphs_run_on_a_single_gpu_and_the_log_says_why_not_elsewhere(flags, runtime, plan, reason, caplog):
     caplog.set_level(logging.INFO, logger="peft_qlora")
-    path = peft_qlora.step_path(peft_qlora.parse_args(flags), runtime(), plan)
-    assert path == ("graphs" if reason is None else "eager")
+    path, compiled = peft_qlora.step_path(peft_qlora.parse_args(flags), runtime(), plan)
+    assert path == ("graphs" if reason is None else "eager") and compiled == ("compiled" in flags)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Training steps:")]
     assert len(lines) == 1
     assert ("Training steps: CUDA graphs" in lines[0]) if reason is None else (f"eager ({reason}" in lines[0])
-    assert ("of compiled layers" in lines[0]) == ("--compile" in flags)
+    assert ("of compiled layers" in lines[0]) == compiled
 
 
 def test_whether_steps_are_graphed_is_not_a_setting_a_resumed_run_must_keep():
-    cfg = peft_qlora.parse_args(["--cuda-graphs", "off"])
-    assert "cuda_graphs" not in peft_qlora.run_settings(cfg, cpu_runtime())
+    cfg = peft_qlora.parse_args(["--fast-path", "compiled"])
+    assert "fast_path" not in peft_qlora.run_settings(cfg, cpu_runtime())
     with pytest.raises(SystemExit):
-        peft_qlora.parse_args(["--cuda-graphs", "on"])  # auto or off
+        peft_qlora.parse_args(["--fast-path", "on"])  # auto, graphs, compiled or off
 
 
 def train_tiny(tiny_bert, data_files, tmp_path, graphs):

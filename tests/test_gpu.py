@@ -56,7 +56,8 @@ def test_graphed_and_compiled_graphed_steps_train_as_eager_steps_do(bert_without
     another order give; fp16 (a T4's precision) through its loss scaler too. Each graphed run captured its shapes and
     replayed them, with no capture refused."""
     runs = {}
-    for name, flags in (("eager", ["--cuda-graphs", "off"]), ("graphs", []), ("compiled", ["--compile"])):
+    for name, flags in (("eager", ["--fast-path", "off"]), ("graphs", []),
+                         ("compiled", ["--fast-path", "compiled"])):
         metrics, log = trained(bert_without_dropout, data_files, tmp_path / name, "--precision", precision, *flags)
         assert "could not be captured" not in log
         runs[name] = metrics

@@ -185,7 +185,7 @@ def test_predict_here_and_in_a_fresh_process_agree_and_follow_a_new_model(tiny_b
 
 def test_compile_trains_the_same_model_and_saves_it_loadable(trained, tiny_bert, data_files, tmp_path):
     out = tmp_path / "compiled"
-    result = run_cli(*train_args(tiny_bert, data_files, out, "--compile"))
+    result = run_cli(*train_args(tiny_bert, data_files, out, "--fast-path", "compiled"))
     assert result.returncode == 0, result.stderr[-3000:]
     compiled = json.loads((out / "model" / "metrics.json").read_text())
     eager = json.loads((trained[0] / "model" / "metrics.json").read_text())
@@ -193,7 +193,7 @@ def test_compile_trains_the_same_model_and_saves_it_loadable(trained, tiny_bert,
     # compiled dropout draws its own random masks.
     assert compiled["before"]["loss"] == pytest.approx(eager["before"]["loss"], rel=1e-5)
     assert compiled["before"]["accuracy"] == eager["before"]["accuracy"]
-    assert [h["epoch"] for h in compiled["history"]] == [1, 2] and compiled["config"]["compile"] is True
+    assert [h["epoch"] for h in compiled["history"]] == [1, 2] and compiled["config"]["fast_path"] == "compiled"
     assert "Compiling 2 layers with torch.compile" in result.stderr, "each of the tiny BERT's layers, in place"
     result = run_cli("predict", "--model-dir", out / "model", *REVIEWS)
     assert result.returncode == 0, result.stderr[-3000:]
