@@ -2555,13 +2555,15 @@ class StepGraphs:
     one memory pool, and write the gradients into tensors bound to the trainable parameters once; the optimizer,
     gradient clipping and the loss scaler stay outside them. Dropout, compiled or not, draws new random numbers at
     every replay (PyTorch advances the generator's offset). A capture that fails is warned of once: with compiled
-    layers, the layers run uncompiled from then on and the graphs go on; without, the steps run eagerly."""
+    layers, the layers run uncompiled from then on and the graphs go on (summary() says why); without, the steps run
+    eagerly."""
 
     def __init__(self, parameters, compiled: bool = False):
         import torch
         self.params = [p for p in parameters if p.requires_grad]
         self.grads = [torch.zeros_like(p) for p in self.params]
         self.compiled = compiled
+        self.uncompiled: str | None = None  # why compiled layers stopped being compiled, if they did
         self.graphs: dict = {}  # shape key -> (graph, its input tensors, its loss tensor)
         self.seen: set = set()  # the shape keys that ran once eagerly
         self.pool = self.stream = None  # made at the first capture
@@ -2589,13 +2591,16 @@ class StepGraphs:
             if self.pool is None:
                 self.pool, self.stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream()
             graph = torch.cuda.CUDAGraph()
-            # thread_local: the data loader's threads may use CUDA (pinned memory) while this thread captures; and
-            # code compiled for no earlier step runs uncompiled rather than compile inside the capture
-            with (torch.compiler.set_stance("eager_on_recompile"),
+            # thread_local: the data loader's threads may use CUDA (pinned memory) while this thread captures.
+            # Compiling cannot be captured: code this shape's eager step did not compile refuses the capture (and
+            # says which guard failed) rather than run uncompiled inside a graph said to be of compiled layers
+            with (torch.compiler.set_stance("fail_on_recompile"),
                   torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local")):
                 loss = step(static)
         except RuntimeError as e:  # what CUDA refused to capture; a mistake in the step itself recurs eagerly below
-            return self.refused(step, tensors, f"{type(e).__name__}: {str(e).splitlines()[0]}")
+            lines = str(e).splitlines() or [""]
+            guard = next((line.strip() for line in lines if line.strip().startswith("- ")), "")  # a recompile's
+            return self.refused(step, tensors, f"{type(e).__name__}: {lines[0]} {guard}".strip())
         self.graphs[key] = (graph, static, loss)
         self.counts["captured"] += 1
         graph.replay()  # the capture recorded the step without computing it
@@ -2612,13 +2617,18 @@ class StepGraphs:
             log.warning("A training step of compiled layers could not be captured as a CUDA graph (%s): CUDA graphs "
                         "of the uncompiled layers from here on", failure)
             torch.compiler.set_stance("force_eager")
-            self.compiled = False
+            self.compiled, self.uncompiled = False, failure
         else:
             self.failure = failure
             log.warning("A training step could not be captured as a CUDA graph (%s): eager steps from here on",
                         failure)
         self.counts["eager"] += 1
         return step(tensors)
+
+    def summary(self) -> dict:
+        """What metrics.json records of the graphs: the steps captured, replayed and eager, why captures stopped
+        (failure) and why compiled layers stopped being compiled (uncompiled), each None where they did not."""
+        return {**self.counts, "failure": self.failure, "uncompiled": self.uncompiled}
 
     def bind_gradients(self) -> None:
         """Each trainable parameter's .grad is its own tensor, which the graphs accumulate into: zeroed in place
@@ -2677,7 +2687,7 @@ def graphed_trainer():
         def record(self) -> dict:
             if self.step_graphs is None:
                 return super().record()
-            return {**super().record(), "cuda_graphs": {**self.step_graphs.counts, "failure": self.step_graphs.failure}}
+            return {**super().record(), "cuda_graphs": self.step_graphs.summary()}
 
     return GraphedTrainer
 

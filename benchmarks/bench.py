@@ -317,7 +317,7 @@ def one_epoch(mode, model, tokenizer, texts, cfg, runtime, workdir, config):
             "epoch_tokens_per_s": sum(lengths) / seconds, "epoch_tflops": flops / seconds / 1e12,
             "epoch_peak_memory_gib": peft_qlora.peak_memory(runtime.device) / 2**30,
             "epoch_peak_reserved_gib": peak_reserved(runtime.device) / 2**30, "epoch_padding_share": padding,
-            "cuda_graphs": None if graphs is None else {**graphs.counts, "failure": graphs.failure},
+            "cuda_graphs": None if graphs is None else graphs.summary(),
             "batch_size": trainer.args.per_device_train_batch_size, "micro_batches": len(trainer.train_dataset),
             "epochs": trainer.state.epoch, "optimizer_steps": trainer.state.global_step,
             "reviews_per_step": len(texts) / trainer.state.global_step}, trainer
@@ -377,7 +377,7 @@ def compare_graphs(folder, cfg, runtime, texts, dropout):
         result = trainer.train()
         graph_counts = getattr(trainer, "step_graphs", None)
         runs[name] = {"train_loss": result.training_loss,
-                      "cuda_graphs": graph_counts and {**graph_counts.counts, "failure": graph_counts.failure},
+                      "cuda_graphs": graph_counts and graph_counts.summary(),
                       "weights": {n: p.detach().float().cpu() for n, p in model.named_parameters() if p.requires_grad}}
         del model, trainer
         torch._dynamo.reset()
