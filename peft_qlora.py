@@ -165,8 +165,8 @@ class Config:
     fast_path: str = _opt("auto", "how training steps run. graphs: on a single CUDA GPU, each step's forward and "
                           "backward replayed as a CUDA graph, captured once per batch shape (eager with several "
                           "processes or gradient checkpointing); compiled: the same, of layers compiled with "
-                          "torch.compile, whose one-off compilation pays on long runs only; auto: graphs; off: "
-                          "eager steps", choices=["auto", "graphs", "compiled", "off"])
+                          "torch.compile: fewer kernels, after a minute or more of compiling, not yet faster end to "
+                          "end (benchmarks/NOTES.md); auto: graphs; off: eager steps", choices=["auto", "graphs", "compiled", "off"])
     liger: str = _opt("auto", "auto: on a CUDA GPU, Liger-Kernel's Triton kernels for RMSNorm, rotary embeddings and "
                       "SwiGLU in the decoder architectures it covers (Llama, Mistral, Qwen, Gemma, ...): faster steps, "
                       "less memory; off: the model's own layers", choices=["auto", "off"])
