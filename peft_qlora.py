@@ -166,7 +166,8 @@ class Config:
                           "backward replayed as a CUDA graph, captured once per batch shape (eager with several "
                           "processes or gradient checkpointing); compiled: the same, of layers compiled with "
                           "torch.compile: fewer kernels, after a minute or more of compiling, not yet faster end to "
-                          "end (benchmarks/NOTES.md); auto: graphs; off: eager steps", choices=["auto", "graphs", "compiled", "off"])
+                          "end (benchmarks/NOTES.md); auto: graphs; off: eager steps",
+                          choices=["auto", "graphs", "compiled", "off"])
     liger: str = _opt("auto", "auto: on a CUDA GPU, Liger-Kernel's Triton kernels for RMSNorm, rotary embeddings and "
                       "SwiGLU in the decoder architectures it covers (Llama, Mistral, Qwen, Gemma, ...): faster steps, "
                       "less memory; off: the model's own layers", choices=["auto", "off"])
@@ -3144,9 +3145,9 @@ def find_best_here(checkpoint: str) -> None:
 
 def run_settings(cfg: Config, runtime: Runtime) -> dict:
     """The settings that decide what a run computes (a resumed run must keep them). How the batches are split
-    in memory, whether their steps run as CUDA graphs, compiled or through Liger's kernels, how often checkpoints are written
-    and where the output folder is (moved to a disk with room, say) do not change what they compute, so a resumed
-    run may change them."""
+    in memory, whether their steps run as CUDA graphs, compiled or through Liger's kernels, how often checkpoints
+    are written and where the output folder is (moved to a disk with room, say) do not change what they compute, so
+    a resumed run may change them."""
     settings = asdict(cfg)
     for key in ("resume", "overwrite", "output_dir", "images_dir", "eval_batch_size", "micro_batch_size",
                 "gradient_checkpointing", "fast_path", "liger", "save_steps", "save_minutes"):
