@@ -383,7 +383,7 @@ def compare_graphs(folder, cfg, runtime, texts, dropout):
         torch._dynamo.reset()
         reset_memory()
     eager, again, graphed = (runs[name]["weights"] for name in ("eager", "eager_again", "graphs"))
-    compiled = runs.get("compiled_graphs", {"weights": graphed, "train_loss": None, "cuda_graphs": None})
+    compiled = runs.get("compiled_graphs")  # None on a CPU
     scale = max(w.abs().max().item() for w in eager.values())
 
     def apart(a, b):
@@ -394,13 +394,13 @@ def compare_graphs(folder, cfg, runtime, texts, dropout):
     return {"reviews": len(texts), "train_loss_eager": runs["eager"]["train_loss"],
             "train_loss_eager_again": runs["eager_again"]["train_loss"],
             "train_loss_graphs": runs["graphs"]["train_loss"], "cuda_graphs": runs["graphs"]["cuda_graphs"],
-            "train_loss_compiled_graphs": compiled["train_loss"], "compiled_cuda_graphs": compiled["cuda_graphs"],
+            "train_loss_compiled_graphs": compiled and compiled["train_loss"],
+            "compiled_cuda_graphs": compiled and compiled["cuda_graphs"],
             "weights_max_abs": scale, "relative_difference": apart(eager, graphed),
-            "relative_difference_compiled_graphs": apart(eager, compiled["weights"]) if "compiled_graphs" in runs
-            else None,
+            "relative_difference_compiled_graphs": compiled and apart(eager, compiled["weights"]),
             "relative_difference_eager_again": apart(eager, again),
-            "weights_finite": bool(all(torch.isfinite(w).all() for d in (graphed, compiled["weights"])
-                                       for w in d.values()))}
+            "weights_finite": bool(all(torch.isfinite(w).all()
+                                       for run in runs.values() for w in run["weights"].values()))}
 
 
 def default_run(folder, train_file, test_file, extra_flags):
