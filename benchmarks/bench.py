@@ -10,6 +10,8 @@ On a bert-base-shaped model (random BertConfig() weights: the same FLOPs and byt
   full    full fine-tuning in bf16 mixed precision, the project's data pipeline
   qlora-compile, lora-compile   the same with peft_qlora.py --fast-path compiled (each repeated layer compiled); the
           epoch includes the compilation, the fixed-shape rate does not (its warm-up does)
+  qlora-16bit   qlora with its LoRA matrices and head stored in the training dtype instead of fp32, updated there
+          (no fp32 master copies): a speed probe only, the most that fewer casts around LoRA and the head can gain
 
 Every mode but naive trains its steps the way peft_qlora.py would (peft_qlora.step_path: CUDA graphs on
 a single GPU, unless --fast-path off). For each: a fixed shape (a plain loop of training steps on batches of
@@ -46,7 +48,7 @@ import peft_qlora  # noqa: E402
 
 IMDB = peft_qlora.Classification(["neg", "pos"])  # what every benchmark here trains: IMDb's two classes
 
-MODES = ("qlora", "naive", "lora", "full", "qlora-compile", "lora-compile")
+MODES = ("qlora", "naive", "lora", "full", "qlora-compile", "lora-compile", "qlora-16bit")
 
 
 def parse_args():
@@ -142,9 +144,13 @@ def build(mode, folder, cfg, runtime):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     mode = mode.removesuffix("-compile")  # compile_layers compiles the same model
-    if mode == "qlora":
+    if mode in ("qlora", "qlora-16bit"):
         tokenizer = peft_qlora.check_model(cfg)
         model, _ = peft_qlora.build_model(cfg, tokenizer, IMDB, runtime)
+        if mode == "qlora-16bit":
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.data = p.data.to(runtime.dtype)
         return model, tokenizer
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if mode == "naive":  # the same 4-bit model (a quantized head would crash), prepared with peft's defaults
@@ -239,18 +245,36 @@ def fixed_shape(model, args, runtime, vocab_size, graphs, compiled):
 
 
 def predict_rate(classifier, texts, batch_size):
-    """predict()'s classification of texts, after a warm-up batch: (reviews/s, the probabilities)."""
+    """predict()'s classification of texts, after a warm-up batch: (reviews/s, the probabilities, the share of the
+    wall time the GPU spent in kernels)."""
     classifier.probabilities(texts[:256], batch_size)
     sync()
     start = time.perf_counter()
     probabilities = classifier.probabilities(texts, batch_size)
     sync()
-    return len(texts) / (time.perf_counter() - start), probabilities
+    seconds = time.perf_counter() - start
+    kernels = kernel_seconds(lambda: classifier.probabilities(texts, batch_size))
+    return len(texts) / seconds, probabilities, kernels / seconds
+
+
+def kernel_seconds(run):
+    """The GPU's kernel time while run() runs (torch.profiler, in a pass of its own: profiling slows the CPU), or
+    nan on a CPU. Against the same work's unprofiled wall time it says how much a faster launch (CUDA graphs) could
+    gain: at a share near 1 the GPU never waits."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    if not torch.cuda.is_available():
+        return float("nan")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        sync()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
 
 
 def evaluation_rate(trainer, tokenizer, texts, cfg, runtime):
-    """The Trainer's evaluation of the trained model over texts, tokenised beforehand as the script does: reviews/s,
-    after a warm-up on the first 256."""
+    """The Trainer's evaluation of the trained model over texts, tokenised beforehand as the script does: (reviews/s,
+    after a warm-up on the first 256; the share of the wall time the GPU spent in kernels)."""
     from datasets import Dataset
 
     data = peft_qlora.tokenize(Dataset.from_dict({"text": texts, "labels": [i % 2 for i in range(len(texts))]}),
@@ -261,7 +285,8 @@ def evaluation_rate(trainer, tokenizer, texts, cfg, runtime):
         start = time.perf_counter()
         trainer.predict(data)
         sync()
-    return len(texts) / (time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        return len(texts) / seconds, kernel_seconds(lambda: trainer.predict(data)) / seconds
 
 
 def shell_predict_seconds(trainer, cfg, runtime, workdir):
@@ -479,11 +504,13 @@ def main():
             row["epoch_flop_bound_fraction"] = row["epoch_tflops"] / peak
         if mode == "qlora":  # the trained model evaluated by the Trainer, from the shell, and served as predict()
             served = texts[:args.predict_reviews]
-            row["evaluation_reviews_per_s"] = evaluation_rate(trainer, tokenizer, served, mode_cfg, runtime)
+            row["evaluation_reviews_per_s"], row["evaluation_kernel_share"] = evaluation_rate(
+                trainer, tokenizer, served, mode_cfg, runtime)
             row["shell_predict_s"] = shell_predict_seconds(trainer, mode_cfg, runtime, workdir)
             classifier = peft_qlora.Classifier(peft_qlora.serving_model(model, runtime), tokenizer, IMDB,
                                                args.max_length, cfg.truncation, runtime, peft_qlora.DEFAULT_EVAL_BATCH)
-            row["predict_reviews_per_s"], _ = predict_rate(classifier, served, peft_qlora.DEFAULT_EVAL_BATCH)
+            row["predict_reviews_per_s"], _, row["predict_kernel_share"] = predict_rate(
+                classifier, served, peft_qlora.DEFAULT_EVAL_BATCH)
         rows[mode] = row
         del model, trainer
         print(mode, json.dumps(row), flush=True)
@@ -522,11 +549,11 @@ def targets(rows, extra, epoch_reviews, all_reviews, device, model, args):
                     f"reserved {q['epoch_peak_reserved_gib']:.2f} GiB, allocated {q['epoch_peak_memory_gib']:.2f} GiB",
                     q["epoch_peak_reserved_gib"] <= BASELINE_EPOCH_PEAK_GIB))
         if epoch_reviews == all_reviews:
-            out.append((f"2. an epoch of all {all_reviews:,} reviews in at most 20 s on an H200 (QLoRA)",
-                        f"{q['epoch_s']:.1f} s on {device}", q["epoch_s"] <= 20 and "H200" in device))
+            out.append((f"2. an epoch of all {all_reviews:,} reviews in at most 16 s on an H100 (QLoRA)",
+                        f"{q['epoch_s']:.1f} s on {device}", q["epoch_s"] <= 16 and "H100" in device))
         if "epoch_flop_bound_fraction" in q:
-            out.append(("2. at least 15% of the FLOP bound over real lengths (QLoRA)",
-                        f"{100 * q['epoch_flop_bound_fraction']:.1f}%", q["epoch_flop_bound_fraction"] >= 0.15))
+            out.append(("2. at least 20% of the FLOP bound over real lengths (QLoRA)",
+                        f"{100 * q['epoch_flop_bound_fraction']:.1f}%", q["epoch_flop_bound_fraction"] >= 0.20))
     run = extra.get("default_run")
     all_data = run and run["train_texts"] is None
     if run and model == "bert-base" and not all_data:
@@ -539,8 +566,9 @@ def targets(rows, extra, epoch_reviews, all_reviews, device, model, args):
                     f"{run['train_texts_per_s']:.1f}", run["train_texts_per_s"] >= floor))
     if q and q["step_kernel_ms"] and args.batch_size == 32 and args.max_length == 512:
         ratio = q["step_wall_ms"] / q["step_kernel_ms"]
-        out.append(("5. a QLoRA step's wall time within 1.2x of its GPU kernel time at 32 x 512",
-                    f"{q['step_wall_ms']:.1f} / {q['step_kernel_ms']:.1f} ms = {ratio:.2f}x", ratio <= 1.2))
+        out.append(("5. a QLoRA step at 32 x 512: GPU kernels at most 28 ms, wall time within 1.15x of them",
+                    f"{q['step_wall_ms']:.1f} / {q['step_kernel_ms']:.1f} ms = {ratio:.2f}x",
+                    ratio <= 1.15 and q["step_kernel_ms"] <= 28))
     if run and model == "minilm":
         expected, within = (MINILM_ALL_IMDB_ACCURACY, 0.003) if all_data else (MINILM_DEFAULT_ACCURACY, 0.005)
         out.append((f"6. MiniLM {'on all of IMDb' if all_data else 'with the defaults'}: accuracy within "
@@ -606,9 +634,9 @@ def print_table(result):
               f"steps {r['cuda_graphs'] or 'eager'}")
     if "qlora" in rows:
         q = rows["qlora"]
-        print(f"\npredict(): {q['predict_reviews_per_s']:.1f} reviews/s; the Trainer's evaluation: "
-              f"{q['evaluation_reviews_per_s']:.1f} reviews/s; shell predict of two texts: "
-              f"{q['shell_predict_s']:.1f} s")
+        print(f"\npredict(): {q['predict_reviews_per_s']:.1f} reviews/s (GPU kernels {q['predict_kernel_share']:.0%} of "
+              f"its wall time); the Trainer's evaluation: {q['evaluation_reviews_per_s']:.1f} reviews/s (kernels "
+              f"{q['evaluation_kernel_share']:.0%}); shell predict of two texts: {q['shell_predict_s']:.1f} s")
     for name, ratio in result["ratios"].items():
         print(f"{name}: epoch {ratio['epoch_speed']:.2f}x faster, fixed shape {ratio['fixed_shape_speed']:.2f}x, "
               f"peak memory {ratio['peak_memory']:.2f}x")
