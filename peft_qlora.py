@@ -2594,14 +2594,16 @@ class StepGraphs:
             graph = torch.cuda.CUDAGraph()
             # thread_local: the data loader's threads may use CUDA (pinned memory) while this thread captures.
             # Compiling cannot be captured: code this shape's eager step did not compile refuses the capture (and
-            # says which guard failed) rather than run uncompiled inside a graph said to be of compiled layers
-            with (torch.compiler.set_stance("fail_on_recompile"),
+            # says which guards failed) rather than run uncompiled inside a graph said to be of compiled layers; once
+            # the layers run uncompiled, they stay so inside the capture too
+            stance = "fail_on_recompile" if self.compiled else "force_eager"
+            with (torch.compiler.set_stance(stance),
                   torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local")):
                 loss = step(static)
         except RuntimeError as e:  # what CUDA refused to capture; a mistake in the step itself recurs eagerly below
             lines = str(e).splitlines() or [""]
-            guard = next((line.strip() for line in lines if line.strip().startswith("- ")), "")  # a recompile's
-            return self.refused(step, tensors, f"{type(e).__name__}: {lines[0]} {guard}".strip())
+            guards = [line.strip() for line in lines if line.strip().startswith("- ")]  # each compiled version's
+            return self.refused(step, tensors, " ".join([f"{type(e).__name__}: {lines[0]}", *guards]))
         self.graphs[key] = (graph, static, loss)
         self.counts["captured"] += 1
         graph.replay()  # the capture recorded the step without computing it
@@ -2724,6 +2726,7 @@ def compile_layers(model) -> int:
     compile_regions does; in place, so the saved weights keep their names): one compilation serves every layer,
     and with dynamic shapes a new batch shape needs no new one. Returns how many layers were compiled."""
     import torch
+    keep_attention_masks(model)
     stacks = [m for m in model.modules()
               if isinstance(m, torch.nn.ModuleList) and len(m) > 1 and len({type(layer) for layer in m}) == 1]
     for stack in stacks:
@@ -2731,6 +2734,28 @@ def compile_layers(model) -> int:
             layer.compile(dynamic=True)
     log.info("Compiling %d layers with torch.compile as they first run", sum(map(len, stacks)))
     return sum(map(len, stacks))
+
+
+MASKED_SDPA = "sdpa_masked"  # PyTorch's attention, always handed the attention mask
+
+
+def keep_attention_masks(model) -> None:
+    """Every batch's attention gets its mask, as under a CUDA graph's capture. transformers drops the mask of a
+    batch without padding (PyTorch's attention then runs unmasked), but not while a CUDA graph is captured (it cannot
+    read the mask then): compiled layers would meet a mask in the capture that their eager warm-up step did not
+    have, and need compiling inside the capture, which CUDA refuses. Done through transformers' own registries of
+    attention functions and mask builders: PyTorch's attention under a name whose masks are never dropped. Models
+    on another attention implementation keep theirs."""
+    import inspect
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    if model.config._attn_implementation != "sdpa":
+        return
+    # The flags by which transformers' mask builders may drop a mask (causal, bidirectional), all off
+    never_drop = {name: False for name in inspect.signature(sdpa_mask).parameters if name.startswith("allow_is_")}
+    AttentionInterface.register(MASKED_SDPA, AttentionInterface._global_mapping["sdpa"])
+    AttentionMaskInterface.register(MASKED_SDPA, lambda *args, **kwargs: sdpa_mask(*args, **{**kwargs, **never_drop}))
+    model.set_attn_implementation(MASKED_SDPA)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -479,6 +479,8 @@ def main():
     for mode in args.modes:
         compiled = mode.endswith("-compile")
         mode_cfg = dataclasses.replace(cfg, fast_path="compiled") if compiled and args.fast_path != "off" else cfg
+        if mode == "full":  # Liger-Kernel (decoders only) is applied through the peft model, which full lacks
+            mode_cfg = dataclasses.replace(mode_cfg, liger="off")
         reset_memory()
         model, tokenizer = build(mode, folder, mode_cfg, runtime)
         if compiled:

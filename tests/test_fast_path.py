@@ -162,3 +162,31 @@ def test_liger_kernels_leave_an_encoder_alone(tiny_bert):
     model, _ = peft_qlora.build_model(peft_qlora.Config(model=tiny_bert), peft_qlora.load_tokenizer(tiny_bert),
                                       classes(), cpu_runtime())
     assert peft_qlora.liger_kernels(model) == []
+
+
+def test_compiled_layers_get_the_attention_mask_of_a_batch_without_padding_as_a_capture_does(tiny_bert):
+    """transformers drops the mask of a batch without padding, except while a CUDA graph is captured: with compiled
+    layers it is kept always, so that the eager warm-up step compiles what the capture runs. The outputs are the
+    same with the mask and without."""
+    import torch
+    from transformers.masking_utils import create_bidirectional_mask
+
+    model, _ = peft_qlora.build_model(peft_qlora.Config(model=tiny_bert), peft_qlora.load_tokenizer(tiny_bert),
+                                      classes(), cpu_runtime())
+    model.eval()
+    batch = {"input_ids": torch.randint(5, 1000, (4, 16), generator=torch.Generator().manual_seed(0)),
+             "attention_mask": torch.ones(4, 16, dtype=torch.long)}  # no padding
+
+    def mask():
+        embeddings = model.get_input_embeddings()(batch["input_ids"])
+        return create_bidirectional_mask(config=model.config, inputs_embeds=embeddings,
+                                         attention_mask=batch["attention_mask"])
+
+    with torch.no_grad():
+        assert mask() is None, "transformers drops the mask of a batch without padding"
+        before = model(**batch).logits
+        peft_qlora.keep_attention_masks(model)
+        assert model.config._attn_implementation == peft_qlora.MASKED_SDPA
+        kept = mask()
+        assert kept is not None and bool(kept.all()), "the mask, every token attended to"
+        torch.testing.assert_close(model(**batch).logits, before)
