@@ -2749,11 +2749,12 @@ def keep_attention_masks(model) -> None:
     import inspect
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     if model.config._attn_implementation != "sdpa":
         return
     # The flags by which transformers' mask builders may drop a mask (causal, bidirectional), all off
     never_drop = {name: False for name in inspect.signature(sdpa_mask).parameters if name.startswith("allow_is_")}
-    AttentionInterface.register(MASKED_SDPA, AttentionInterface._global_mapping["sdpa"])
+    AttentionInterface.register(MASKED_SDPA, ALL_ATTENTION_FUNCTIONS["sdpa"])
     AttentionMaskInterface.register(MASKED_SDPA, lambda *args, **kwargs: sdpa_mask(*args, **{**kwargs, **never_drop}))
     model.set_attn_implementation(MASKED_SDPA)
 
