@@ -11,7 +11,8 @@ On a bert-base-shaped model (random BertConfig() weights: the same FLOPs and byt
   qlora-compile, lora-compile   the same with peft_qlora.py --fast-path compiled (each repeated layer compiled); the
           epoch includes the compilation, the fixed-shape rate does not (its warm-up does)
   qlora-16bit   qlora with its LoRA matrices and head stored in the training dtype instead of fp32, updated there
-          (no fp32 master copies): a speed probe only, the most that fewer casts around LoRA and the head can gain
+          (no fp32 master copies): a speed probe only, the most that fewer casts around LoRA and the head can gain;
+          bf16 only (fp16's loss scaler unscales fp32 gradients alone)
 
 Every mode but naive trains its steps the way peft_qlora.py would (peft_qlora.step_path: CUDA graphs on
 a single GPU, unless --fast-path off). For each: a fixed shape (a plain loop of training steps on batches of
@@ -23,7 +24,7 @@ reserved). With the QLoRA model: the Trainer's evaluation rate, predict()'s rate
 wall time of the shell's `peft_qlora.py predict` of two texts with the model saved. --check-graphs N trains N
 reviews for one epoch three times from the same seed, eager twice and with CUDA graphs, with dropout off and on,
 and compares the losses and trained weights; --default-run TEST times `peft_qlora.py` with its defaults on --data and TEST. Then each of
-issue 16's targets, with its figure and whether it is met.
+issue 16's and issue 28's targets, with its figure and whether it is met.
 
     python benchmarks/bench.py --data ../shared/data/imdb/train.parquet --modes qlora lora full   # GPU, minutes
     python benchmarks/bench.py --data train.parquet --model ../shared/models/minilm-l6-h384-uncased --modes qlora
@@ -537,7 +538,7 @@ def which_model(args, config) -> str:
 
 
 def targets(rows, extra, epoch_reviews, all_reviews, device, model, args):
-    """Issue 16's targets that this run measured: (target, figure, met)."""
+    """Issue 16's and issue 28's targets that this run measured: (target, figure, met)."""
     out = []
     q = rows.get("qlora")
     for base, floor in (("full", 1.2), ("lora", 1.0)):
