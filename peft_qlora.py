@@ -2724,7 +2724,9 @@ def liger_kernels(model) -> list[str]:
 def compile_layers(model) -> int:
     """torch.compile each of the model's repeated layers in place (regional compilation, as accelerate's
     compile_regions does; in place, so the saved weights keep their names): one compilation serves every layer,
-    and with dynamic shapes a new batch shape needs no new one. Returns how many layers were compiled."""
+    and with dynamic shapes a new batch shape needs no new one. Attention masks are kept for every batch
+    (keep_attention_masks), so that a CUDA graph's capture runs the code the eager step compiled. Returns how many
+    layers were compiled."""
     import torch
     keep_attention_masks(model)
     stacks = [m for m in model.modules()
