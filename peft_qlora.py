@@ -2333,6 +2333,8 @@ def make_trainer(cfg: Config, model, tokenizer, texts: Tokenized, task: Task, ru
     wrapped = shard(model, runtime) if runtime.fsdp else model
     plan = choose_batches(cfg, wrapped, runtime, task)
     path, compiled = step_path(cfg, runtime, plan)
+    if path == "graphs":
+        masks_follow_padding(model)
     if compiled:
         compile_layers(model)
     checkpoints, resume_from = prepare_output_dir(cfg, runtime)
@@ -2417,8 +2419,9 @@ def training_arguments(cfg: Config, task: Task, plan: BatchPlan, runtime: Runtim
 
 
 def collate(rows: list[dict], pad_id: int, runtime: Runtime) -> dict:
-    """The data loader's collate function: the texts padded into one batch (pad_batch), with their labels. A row of
-    batch_by_tokens (training with --batching tokens) holds a whole micro-batch of texts, a row of tokenize one."""
+    """The data loader's collate function: the texts padded into one batch (pad_batch), with their labels, and
+    without an attention mask where no text is padded (masks_follow_padding). A row of batch_by_tokens (training
+    with --batching tokens) holds a whole micro-batch of texts, a row of tokenize one."""
     import torch
     texts = []
     for row in rows:
@@ -2428,6 +2431,8 @@ def collate(rows: list[dict], pad_id: int, runtime: Runtime) -> dict:
             texts.append(row)
     inputs = [name for name in texts[0] if name not in ("labels", "text_index")]
     batch = pad_batch({name: [text[name] for text in texts] for name in inputs}, pad_id, runtime)
+    if batch["attention_mask"].all():  # no padding: said here, on the CPU, rather than read from the GPU in the step
+        del batch["attention_mask"]  # (transformers' models read None as every token attended to)
     batch["labels"] = torch.tensor([text["labels"] for text in texts])
     return batch
 
@@ -2724,11 +2729,8 @@ def liger_kernels(model) -> list[str]:
 def compile_layers(model) -> int:
     """torch.compile each of the model's repeated layers in place (regional compilation, as accelerate's
     compile_regions does; in place, so the saved weights keep their names): one compilation serves every layer,
-    and with dynamic shapes a new batch shape needs no new one. Attention masks are kept for every batch
-    (keep_attention_masks), so that a CUDA graph's capture runs the code the eager step compiled. Returns how many
-    layers were compiled."""
+    and with dynamic shapes a new batch shape needs no new one. Returns how many layers were compiled."""
     import torch
-    keep_attention_masks(model)
     stacks = [m for m in model.modules()
               if isinstance(m, torch.nn.ModuleList) and len(m) > 1 and len({type(layer) for layer in m}) == 1]
     for stack in stacks:
@@ -2738,27 +2740,36 @@ def compile_layers(model) -> int:
     return sum(map(len, stacks))
 
 
-MASKED_SDPA = "sdpa_masked"  # PyTorch's attention, always handed the attention mask
+PADDING_SDPA = "sdpa_padding"  # PyTorch's attention, masked where the batch has padding and only there
 
 
-def keep_attention_masks(model) -> None:
-    """Every batch's attention gets its mask, as under a CUDA graph's capture. transformers drops the mask of a
-    batch without padding (PyTorch's attention then runs unmasked), but not while a CUDA graph is captured (it cannot
-    read the mask then): compiled layers would meet a mask in the capture that their eager warm-up step did not
-    have, and need compiling inside the capture, which CUDA refuses. Done through transformers' own registries of
-    attention functions and mask builders: PyTorch's attention under a name whose masks are never dropped. Models
-    on another attention implementation keep theirs."""
+def masks_follow_padding(model) -> None:
+    """Attention masked where the batch has padding (collate leaves the mask out where it has none), the same in a
+    CUDA graph's capture as in an eager step. transformers decides from the mask's values, and while a stream is
+    captured it cannot read them: it then masks every batch, and an unpadded batch's attention, run unmasked
+    eagerly, runs masked in the graph (PyTorch's slower memory-efficient kernel instead of flash attention), and
+    compiled layers meet a mask their eager warm-up step did not compile for, which the capture refuses
+    (benchmarks/NOTES.md). Done through transformers' own registries of attention functions and mask builders;
+    models on another attention implementation keep theirs."""
     import inspect
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import (AttentionMaskInterface, bidirectional_mask_function,
+                                            causal_mask_function, sdpa_mask)
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     if model.config._attn_implementation != "sdpa":
         return
     # The flags by which transformers' mask builders may drop a mask (causal, bidirectional), all off
     never_drop = {name: False for name in inspect.signature(sdpa_mask).parameters if name.startswith("allow_is_")}
-    AttentionInterface.register(MASKED_SDPA, ALL_ATTENTION_FUNCTIONS["sdpa"])
-    AttentionMaskInterface.register(MASKED_SDPA, lambda *args, **kwargs: sdpa_mask(*args, **{**kwargs, **never_drop}))
-    model.set_attn_implementation(MASKED_SDPA)
+
+    def mask(*args, **kwargs):
+        plain = kwargs.get("mask_function") in (causal_mask_function, bidirectional_mask_function)
+        if kwargs.get("attention_mask") is None and plain and kwargs.get("local_size") is None:
+            return None  # no padding, no window: PyTorch's attention unmasked (is_causal for a decoder)
+        return sdpa_mask(*args, **{**kwargs, **never_drop})
+
+    AttentionInterface.register(PADDING_SDPA, ALL_ATTENTION_FUNCTIONS["sdpa"])
+    AttentionMaskInterface.register(PADDING_SDPA, mask)
+    model.set_attn_implementation(PADDING_SDPA)
 
 
 # ----------------------------------------------------------------------------------------------

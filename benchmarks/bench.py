@@ -189,8 +189,7 @@ def fixed_shape(model, args, runtime, vocab_size, graphs, compiled):
     gen = torch.Generator().manual_seed(0)
     batch = {"input_ids": torch.randint(1000, vocab_size, (args.batch_size, args.max_length), generator=gen),
              "labels": torch.randint(0, 2, (args.batch_size,), generator=gen)}
-    batch = {name: t.to(device) for name, t in batch.items()}
-    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    batch = {name: t.to(device) for name, t in batch.items()}  # no padding, so no attention mask (as collate gives)
     model.train()
     autocast = torch.autocast(device.type, dtype=runtime.dtype, enabled=runtime.precision != "fp32")
     step_graphs = peft_qlora.StepGraphs(model.parameters(), compiled) if graphs else None
@@ -354,8 +353,9 @@ def padding_share(trainer):
     in a pass of their own)."""
     real = padded = 0
     for batch in trainer.get_train_dataloader():
-        real += int(batch["attention_mask"].sum())
-        padded += batch["attention_mask"].numel()
+        tokens = batch["input_ids"].numel()
+        real += int(batch["attention_mask"].sum()) if "attention_mask" in batch else tokens  # none: no padding
+        padded += tokens
     return 1 - real / padded
 
 
@@ -484,11 +484,13 @@ def main():
             mode_cfg = dataclasses.replace(mode_cfg, liger="off")
         reset_memory()
         model, tokenizer = build(mode, folder, mode_cfg, runtime)
-        if compiled:
-            peft_qlora.compile_layers(model)
         path, _ = peft_qlora.step_path(mode_cfg, runtime,
                                        peft_qlora.BatchPlan(args.batch_size, 1, peft_qlora.DEFAULT_EVAL_BATCH, False))
         graphs = mode != "naive" and path == "graphs"
+        if graphs:  # as make_trainer sets the model up for its graphs
+            peft_qlora.masks_follow_padding(model)
+        if compiled:
+            peft_qlora.compile_layers(model)
         rate, memory, warmup, wall_ms, kernel_ms, kernel_table = fixed_shape(model, args, runtime, config.vocab_size,
                                                                              graphs, compiled)
         row = {"reviews_per_s": rate, "tokens_per_s": rate * args.max_length, "peak_memory_gib": memory / 2**30,

@@ -164,29 +164,51 @@ def test_liger_kernels_leave_an_encoder_alone(tiny_bert):
     assert peft_qlora.liger_kernels(model) == []
 
 
-def test_compiled_layers_get_the_attention_mask_of_a_batch_without_padding_as_a_capture_does(tiny_bert):
-    """transformers drops the mask of a batch without padding, except while a CUDA graph is captured: with compiled
-    layers it is kept always, so that the eager warm-up step compiles what the capture runs. The outputs are the
-    same with the mask and without."""
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_attention_is_masked_where_the_batch_has_padding_and_by_nothing_else(arch, tiny_bert, tiny_llama):
+    """On the graphs path, whether attention is masked follows the batch (collate leaves an unpadded batch's mask
+    out), never the mask's values: transformers decides from the values, except while a CUDA graph is captured,
+    when it masks every batch (slower attention in the graph than in the eager step, and compiled layers refused).
+    The logits are the same either way."""
     import torch
-    from transformers.masking_utils import create_bidirectional_mask
+    from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
-    model, _ = peft_qlora.build_model(peft_qlora.Config(model=tiny_bert), peft_qlora.load_tokenizer(tiny_bert),
-                                      classes(), cpu_runtime())
+    folder = {"bert": tiny_bert, "llama": tiny_llama}[arch]
+    tokenizer = peft_qlora.load_tokenizer(folder)
+    model, _ = peft_qlora.build_model(peft_qlora.Config(model=folder), tokenizer, classes(), cpu_runtime())
     model.eval()
-    batch = {"input_ids": torch.randint(5, 1000, (4, 16), generator=torch.Generator().manual_seed(0)),
-             "attention_mask": torch.ones(4, 16, dtype=torch.long)}  # no padding
+    ids = torch.randint(5, 1000, (4, 16), generator=torch.Generator().manual_seed(0))
+    ones = torch.ones_like(ids)
 
-    def mask():
-        embeddings = model.get_input_embeddings()(batch["input_ids"])
-        return create_bidirectional_mask(config=model.config, inputs_embeds=embeddings,
-                                         attention_mask=batch["attention_mask"])
+    def mask(attention_mask):
+        embeddings = model.get_input_embeddings()(ids)
+        if arch == "bert":
+            return create_bidirectional_mask(config=model.config, inputs_embeds=embeddings,
+                                             attention_mask=attention_mask)
+        return create_causal_mask(config=model.config, inputs_embeds=embeddings, attention_mask=attention_mask,
+                                  past_key_values=None, position_ids=torch.arange(16).expand(4, -1))
 
     with torch.no_grad():
-        assert mask() is None, "transformers drops the mask of a batch without padding"
-        before = model(**batch).logits
-        peft_qlora.keep_attention_masks(model)
-        assert model.config._attn_implementation == peft_qlora.MASKED_SDPA
-        kept = mask()
-        assert kept is not None and bool(kept.all()), "the mask, every token attended to"
-        torch.testing.assert_close(model(**batch).logits, before)
+        assert mask(ones) is None, "transformers drops a mask of ones, read from its values"
+        before = model(input_ids=ids, attention_mask=ones).logits
+        peft_qlora.masks_follow_padding(model)
+        assert model.config._attn_implementation == peft_qlora.PADDING_SDPA
+        assert mask(None) is None, "no mask given: attention unmasked"
+        kept = mask(ones)
+        assert kept is not None and bool(kept.diagonal(dim1=-2, dim2=-1).all()), "a mask given is kept, whatever it holds"
+        torch.testing.assert_close(model(input_ids=ids).logits, before)
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=ones).logits, before)
+        padded = ones.clone()
+        padded[0, 12:] = 0
+        assert not bool(mask(padded)[0, ..., 12:].any()), "padding masked"
+
+
+def test_collate_leaves_the_mask_out_of_a_batch_without_padding():
+    import torch
+
+    runtime = peft_qlora.Runtime(torch.device("cpu"), "fp32", pad_multiple=4)
+    full = peft_qlora.collate([{"input_ids": [5] * 8, "labels": 0}, {"input_ids": [6] * 8, "labels": 1}], 0, runtime)
+    assert "attention_mask" not in full and full["input_ids"].shape == (2, 8)
+    padded = peft_qlora.collate([{"input_ids": [5] * 8, "labels": 0}, {"input_ids": [6] * 7, "labels": 1}], 0,
+                                runtime)
+    assert padded["attention_mask"].sum(1).tolist() == [8, 7]
