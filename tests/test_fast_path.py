@@ -195,7 +195,7 @@ def test_attention_is_masked_where_the_batch_has_padding_and_by_nothing_else(arc
         assert model.config._attn_implementation == peft_qlora.PADDING_SDPA
         assert mask(None) is None, "no mask given: attention unmasked"
         kept = mask(ones)
-        assert kept is not None and bool(kept.diagonal(dim1=-2, dim2=-1).all()), "a mask given is kept, whatever it holds"
+        assert kept is not None and bool(kept.diagonal(dim1=-2, dim2=-1).all()), "a mask given is kept, all ones too"
         torch.testing.assert_close(model(input_ids=ids).logits, before)
         torch.testing.assert_close(model(input_ids=ids, attention_mask=ones).logits, before)
         padded = ones.clone()
