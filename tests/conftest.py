@@ -15,6 +15,10 @@ import pytest
 # No hub here: tests that call the script in this process fail fast rather than wait on the network (set before any
 # Hugging Face library is imported, which reads it once)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# pytest.ini's two workers share a 2-core machine: one PyTorch thread each, and in the processes they start (set before
+# torch is imported; each worker on both cores made the suite slower than one process, benchmarks/NOTES.md)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data")
 SCRIPT = os.path.join(ROOT, "peft_qlora.py")
