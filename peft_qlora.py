@@ -1901,6 +1901,7 @@ def serving_model(model, runtime: Runtime):
         model.dequantize(dtype=runtime.dtype)  # transformers swaps each Linear4bit for an nn.Linear holding the copy
         log.info("Serving with the 4-bit weights dequantized once to %s (%.0f MB)", runtime.precision,
                  weights * runtime.dtype.itemsize / 1e6)
+    padding_attention(model, runtime, graphs=False)
     return model
 
 
@@ -2333,8 +2334,7 @@ def make_trainer(cfg: Config, model, tokenizer, texts: Tokenized, task: Task, ru
     wrapped = shard(model, runtime) if runtime.fsdp else model
     plan = choose_batches(cfg, wrapped, runtime, task)
     path, compiled = step_path(cfg, runtime, plan)
-    if path == "graphs":
-        masks_follow_padding(model)
+    padding_attention(model, runtime, graphs=path == "graphs")
     if compiled:
         compile_layers(model)
     checkpoints, resume_from = prepare_output_dir(cfg, runtime)
@@ -2420,7 +2420,7 @@ def training_arguments(cfg: Config, task: Task, plan: BatchPlan, runtime: Runtim
 
 def collate(rows: list[dict], pad_id: int, runtime: Runtime) -> dict:
     """The data loader's collate function: the texts padded into one batch (pad_batch), with their labels, and
-    without an attention mask where no text is padded (masks_follow_padding). A row of batch_by_tokens (training
+    without an attention mask where no text is padded (padding_attention). A row of batch_by_tokens (training
     with --batching tokens) holds a whole micro-batch of texts, a row of tokenize one."""
     import torch
     texts = []
@@ -2740,36 +2740,88 @@ def compile_layers(model) -> int:
     return sum(map(len, stacks))
 
 
-PADDING_SDPA = "sdpa_padding"  # PyTorch's attention, masked where the batch has padding and only there
+PADDING_ATTENTION = "sdpa_by_padding"  # transformers' name for the attention padding_attention registers
 
 
-def masks_follow_padding(model) -> None:
-    """Attention masked where the batch has padding (collate leaves the mask out where it has none), the same in a
-    CUDA graph's capture as in an eager step. transformers decides from the mask's values, and while a stream is
-    captured it cannot read them: it then masks every batch, and an unpadded batch's attention, run unmasked
-    eagerly, runs masked in the graph (PyTorch's slower memory-efficient kernel instead of flash attention), and
-    compiled layers meet a mask their eager warm-up step did not compile for, which the capture refuses
-    (benchmarks/NOTES.md). Done through transformers' own registries of attention functions and mask builders;
-    models on another attention implementation keep theirs."""
+def padding_attention(model, runtime: Runtime, graphs: bool) -> bool:
+    """Attention that follows each batch's padding, read from the batch's tensors, never from their values. An
+    unpadded batch (collate leaves its mask out) runs PyTorch's attention unmasked, the same in a CUDA graph's
+    capture as eagerly: transformers decides from the mask's values, and while a stream is captured it cannot read
+    them, so it would mask every batch in the graph (the slower memory-efficient kernel instead of flash attention;
+    compiled layers meet a mask their warm-up step did not compile for, which the capture refuses). On a GPU with
+    flash attention (compute capability 8.0+, 16-bit precision) a padded batch runs flash attention too, each row cut
+    into two segments, its tokens and its padding (segment_bounds, segment_attention): tokens attend to tokens as the
+    mask has them, padding to padding, which nothing reads; no mask and no shape that depends on the data, so a graph
+    captures it (benchmarks/NOTES.md). Done through transformers' own registries of attention functions and mask
+    builders, for models on PyTorch's attention ("sdpa"); others keep theirs. Returns whether padded batches run as
+    segments."""
     import inspect
+    import torch
     from transformers import AttentionInterface
     from transformers.masking_utils import (AttentionMaskInterface, bidirectional_mask_function,
                                             causal_mask_function, sdpa_mask)
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    if model.config._attn_implementation != "sdpa":
-        return
+    segments = (runtime.device.type == "cuda" and runtime.precision != "fp32"
+                and torch.cuda.get_device_capability(runtime.device) >= (8, 0))
+    if model.config._attn_implementation not in ("sdpa", PADDING_ATTENTION) or not (graphs or segments):
+        return False
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
     # The flags by which transformers' mask builders may drop a mask (causal, bidirectional), all off
     never_drop = {name: False for name in inspect.signature(sdpa_mask).parameters if name.startswith("allow_is_")}
 
-    def mask(*args, **kwargs):
-        plain = kwargs.get("mask_function") in (causal_mask_function, bidirectional_mask_function)
-        if kwargs.get("attention_mask") is None and plain and kwargs.get("local_size") is None:
-            return None  # no padding, no window: PyTorch's attention unmasked (is_causal for a decoder)
-        return sdpa_mask(*args, **{**kwargs, **never_drop})
+    def mask(attention_mask=None, **kwargs):
+        plain = (kwargs.get("mask_function") in (causal_mask_function, bidirectional_mask_function)
+                 and kwargs.get("local_size") is None)  # no window, nothing added to the mask
+        if attention_mask is None and plain:
+            return None  # no padding: PyTorch's attention unmasked (is_causal for a decoder)
+        whole = (kwargs.get("q_length") == kwargs.get("kv_length") == attention_mask.shape[-1]
+                 and not kwargs.get("q_offset") and not kwargs.get("kv_offset")) if plain else False  # no cache
+        if segments and whole:
+            return segment_bounds(attention_mask)
+        return sdpa_mask(attention_mask=attention_mask, **{**kwargs, **never_drop})
 
-    AttentionInterface.register(PADDING_SDPA, ALL_ATTENTION_FUNCTIONS["sdpa"])
-    AttentionMaskInterface.register(PADDING_SDPA, mask)
-    model.set_attn_implementation(PADDING_SDPA)
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+        if attention_mask is None or attention_mask.ndim != 1:  # a mask (or none): PyTorch's attention
+            return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                        is_causal=is_causal, **kwargs)
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        return segment_attention(query, key, value, attention_mask, dropout, scaling, causal, runtime.dtype), None
+
+    AttentionInterface.register(PADDING_ATTENTION, attention)
+    AttentionMaskInterface.register(PADDING_ATTENTION, mask)
+    model.set_attn_implementation(PADDING_ATTENTION)
+    if segments:
+        log.info("Attention: flash attention for padded batches too, each text's tokens apart from its padding")
+    return segments
+
+
+def segment_bounds(mask):
+    """Cumulative offsets (int32, 2B + 1) cutting each row of a B x S padding mask (pad_batch's: each row's tokens
+    in one run at one end) in two: its tokens and its padding, in the order they stand (a row whose first position
+    is a token is padded on the right). Computed on the mask's device: nothing waits for its values."""
+    import torch
+    rows, length = mask.shape
+    real = mask.sum(1)
+    first = torch.where(mask[:, 0].bool(), real, length - real)
+    starts = torch.arange(rows, device=mask.device) * length
+    bounds = torch.stack([starts, starts + first], 1).flatten()
+    return torch.cat([bounds, bounds.new_full((1,), rows * length)]).to(torch.int32)
+
+
+def segment_attention(query, key, value, bounds, dropout: float, scaling: float | None, causal: bool, dtype):
+    """Flash attention within the segments bounds cut the rows into (flash attention's variable-length form, the
+    operator under PyTorch's own flash path: its public form has no dropout), in `dtype`, as autocast runs PyTorch's
+    attention. B x H x S x D in (key and value may have fewer heads), B x S x H x D out: transformers' layout."""
+    import torch
+    rows, heads, length, dim = query.shape
+
+    def packed(t):
+        return t.transpose(1, 2).reshape(rows * length, t.shape[1], dim).to(dtype)
+
+    out = torch.ops.aten._flash_attention_forward(packed(query), packed(key), packed(value), bounds, bounds, length,
+                                                  length, dropout, causal, False, scale=scaling)[0]
+    out = out.view(rows, length, heads, dim)
+    return out if torch.is_autocast_enabled(query.device.type) else out.to(query.dtype)
 
 
 # ----------------------------------------------------------------------------------------------

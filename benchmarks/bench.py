@@ -487,8 +487,7 @@ def main():
         path, _ = peft_qlora.step_path(mode_cfg, runtime,
                                        peft_qlora.BatchPlan(args.batch_size, 1, peft_qlora.DEFAULT_EVAL_BATCH, False))
         graphs = mode != "naive" and path == "graphs"
-        if graphs:  # as make_trainer sets the model up for its graphs
-            peft_qlora.masks_follow_padding(model)
+        peft_qlora.padding_attention(model, runtime, graphs)  # as make_trainer sets the model up
         if compiled:
             peft_qlora.compile_layers(model)
         rate, memory, warmup, wall_ms, kernel_ms, kernel_table = fixed_shape(model, args, runtime, config.vocab_size,

@@ -19,39 +19,28 @@ For B x H x S x D bf16 tensors with real lengths drawn below S (a quarter of the
 - a CUDA graph of forward and backward with dropout 0.1: captured, replayed twice, each replay drawing new dropout;
 - torch.compile of the same function gives the eager outputs.
 
+The segments are peft_qlora.py's own (segment_bounds, segment_attention): this checks the script's code.
+
     python benchmarks/segment_attention.py --out segment_attention.json     # a CUDA GPU of compute capability 8+
 """
 import argparse
 import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import peft_qlora  # noqa: E402
+from peft_qlora import segment_bounds  # noqa: E402
 
 B, H, D, KV_HEADS = 32, 12, 64, 4
 
 
-def segment_bounds(mask):
-    """Cumulative offsets (int32, 2B + 1) cutting each row of a B x S padding mask in two: its tokens and its padding,
-    in the order they stand (a row whose first token is real is padded on the right)."""
-    import torch
-
-    rows, length = mask.shape
-    real = mask.sum(1)
-    first = torch.where(mask[:, 0].bool(), real, length - real)
-    starts = torch.arange(rows, device=mask.device) * length
-    bounds = torch.stack([starts, starts + first], 1).flatten()
-    return torch.cat([bounds, bounds.new_full((1,), rows * length)]).to(torch.int32)
-
-
 def segment_attention(q, k, v, bounds, dropout_p, causal):
-    """Attention of B x H x S x D tensors within the segments: returns B x S x H x D (transformers' layout)."""
+    """peft_qlora.py's segment attention in bf16: B x H x S x D in, B x S x H x D out."""
     import torch
 
-    rows, _, length, dim = q.shape
-
-    def packed(t):
-        return t.transpose(1, 2).reshape(rows * length, t.shape[1], dim)
-
-    out = torch.ops.aten._flash_attention_forward(packed(q), packed(k), packed(v), bounds, bounds, length, length,
-                                                  dropout_p, causal, False)[0]
-    return out.view(rows, length, q.shape[1], dim)
+    return peft_qlora.segment_attention(q, k, v, bounds, dropout_p, None, causal, torch.bfloat16)
 
 
 def allowed(mask, causal):

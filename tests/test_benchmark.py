@@ -70,23 +70,3 @@ def test_every_benchmark_explains_itself_without_the_frameworks():
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, (name, result.stderr[-2000:])
         assert result.stdout.startswith("usage: ") and name in result.stdout.splitlines()[0], result.stdout
-
-
-def test_the_segment_probe_cuts_each_row_into_its_tokens_and_its_padding():
-    """benchmarks/segment_attention.py's segments (its attention needs a GPU; the cut is plain tensor arithmetic)."""
-    import torch
-
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    import segment_attention as probe
-    length = 16
-    for left in (False, True):
-        real = torch.tensor([length, 1, 7, 15, length])
-        positions = torch.arange(length)
-        mask = ((positions >= length - real[:, None]) if left else (positions < real[:, None])).long()
-        bounds = probe.segment_bounds(mask).tolist()
-        assert len(bounds) == 2 * len(real) + 1 and bounds[-1] == len(real) * length
-        for row, n in enumerate(real.tolist()):
-            start, cut, end = (b - row * length for b in bounds[2 * row:2 * row + 3])
-            assert (start, end) == (0, length)
-            tokens = range(cut, end) if left and n < length else range(start, cut)
-            assert list(tokens) == mask[row].nonzero().flatten().tolist(), (left, row, bounds)

@@ -191,8 +191,8 @@ def test_attention_is_masked_where_the_batch_has_padding_and_by_nothing_else(arc
     with torch.no_grad():
         assert mask(ones) is None, "transformers drops a mask of ones, read from its values"
         before = model(input_ids=ids, attention_mask=ones).logits
-        peft_qlora.masks_follow_padding(model)
-        assert model.config._attn_implementation == peft_qlora.PADDING_SDPA
+        assert not peft_qlora.padding_attention(model, cpu_runtime(), graphs=True), "no flash attention on a CPU"
+        assert model.config._attn_implementation == peft_qlora.PADDING_ATTENTION
         assert mask(None) is None, "no mask given: attention unmasked"
         kept = mask(ones)
         assert kept is not None and bool(kept.diagonal(dim1=-2, dim2=-1).all()), "a mask given is kept, all ones too"
@@ -201,6 +201,25 @@ def test_attention_is_masked_where_the_batch_has_padding_and_by_nothing_else(arc
         padded = ones.clone()
         padded[0, 12:] = 0
         assert not bool(mask(padded)[0, ..., 12:].any()), "padding masked"
+
+
+def test_segments_cut_each_row_into_its_tokens_and_its_padding():
+    """segment_bounds, what flash attention reads for a padded batch on a GPU: rows padded on the right (pad_batch's)
+    or on the left, full rows and a row of one token (the attention needs a GPU: tests/test_gpu.py)."""
+    import torch
+
+    length = 16
+    for left in (False, True):
+        real = torch.tensor([length, 1, 7, 15, length])
+        positions = torch.arange(length)
+        mask = ((positions >= length - real[:, None]) if left else (positions < real[:, None])).long()
+        bounds = peft_qlora.segment_bounds(mask).tolist()
+        assert len(bounds) == 2 * len(real) + 1 and bounds[-1] == len(real) * length
+        for row, n in enumerate(real.tolist()):
+            start, cut, end = (b - row * length for b in bounds[2 * row:2 * row + 3])
+            assert (start, end) == (0, length)
+            tokens = range(cut, end) if left and n < length else range(start, cut)
+            assert list(tokens) == mask[row].nonzero().flatten().tolist(), (left, row, bounds)
 
 
 def test_collate_leaves_the_mask_out_of_a_batch_without_padding():

@@ -120,3 +120,61 @@ def test_a_capture_refused_mid_step_falls_back_uncompiled_then_eager_with_dropou
     assert graphs.counts == {"captured": 0, "replayed": 0, "eager": 4} and graphs.failure and graphs.uncompiled
     messages = [r.getMessage() for r in caplog.records if "could not be captured" in r.getMessage()]
     assert len(messages) == 2 and "uncompiled layers from here on" in messages[0] and "eager steps" in messages[1]
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_padded_batches_attend_as_segments_as_they_do_masked(arch, tiny_bert, tiny_llama):
+    """A padded batch's flash attention over each text's tokens apart from its padding gives the logits and LoRA
+    gradients that PyTorch's masked attention gives, within bf16's rounding: an encoder, and a decoder whose key and
+    value heads are fewer than its query heads."""
+    import torch
+
+    from conftest import classes
+
+    folder = {"bert": tiny_bert, "llama": tiny_llama}[arch]
+    runtime = peft_qlora.decide_runtime("bf16")
+    tokenizer = peft_qlora.load_tokenizer(folder)
+    model, _ = peft_qlora.build_model(peft_qlora.Config(model=folder, lora_dropout=0.0), tokenizer, classes(),
+                                      runtime)
+    model.eval()  # no dropout: both ways compute the same numbers
+    generator = torch.Generator().manual_seed(0)
+    texts = [torch.randint(5, 1000, (n,), generator=generator).tolist() for n in (100, 37, 64, 1, 90, 128)]
+    batch = {k: t.cuda() for k, t in peft_qlora.pad_batch({"input_ids": texts}, tokenizer.pad_token_id or 0,
+                                                          runtime).items()}
+    trained = [p for p in model.parameters() if p.requires_grad]
+
+    def logits_and_gradients():
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(**batch).logits.float()
+        (logits * torch.tensor([1.0, -2.0], device="cuda")).sum().backward()
+        return [logits.detach()] + [p.grad.float().clone() for p in trained]
+
+    masked = logits_and_gradients()
+    assert peft_qlora.padding_attention(model, runtime, graphs=False), "segments on a GPU with flash attention"
+    segments = logits_and_gradients()
+    for a, b in zip(segments, masked, strict=True):
+        torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-2 * float(b.abs().max()))
+
+
+def test_segment_attention_captured_draws_new_dropout_at_each_replay():
+    """Segment attention with dropout in a CUDA graph: each replay drops other attention weights, as eager steps
+    do (flash attention draws them from the generator the graph registers)."""
+    import torch
+
+    q, k, v = (torch.randn(4, 2, 64, 32, device="cuda", requires_grad=True) for _ in range(3))
+    mask = (torch.arange(64, device="cuda") < torch.tensor([64, 10, 33, 50], device="cuda")[:, None]).long()
+    bounds = peft_qlora.segment_bounds(mask)
+    graphs = peft_qlora.StepGraphs([q, k, v], compiled=False)
+
+    def step(tensors):
+        out = peft_qlora.segment_attention(q, k, v, tensors["bounds"], 0.5, None, False, torch.bfloat16)
+        out.float().sum().backward()
+        return out.detach().clone()
+
+    outs = [graphs(step, {"bounds": bounds}) for _ in range(4)]  # eager, captured, replayed twice
+    assert graphs.counts == {"captured": 1, "replayed": 2, "eager": 1} and graphs.failure is None
+    for i, a in enumerate(outs):
+        assert torch.isfinite(a).all()
+        for b in outs[i + 1:]:
+            assert not torch.equal(a, b), "new dropout each step"
