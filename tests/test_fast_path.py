@@ -222,6 +222,70 @@ def test_segments_cut_each_row_into_its_tokens_and_its_padding():
             assert list(tokens) == mask[row].nonzero().flatten().tolist(), (left, row, bounds)
 
 
+@pytest.fixture
+def flash_attention_here(monkeypatch):
+    """What a GPU with flash attention gives padding_attention, on this CPU: its capability, and a reference kernel
+    standing in for flash attention's variable-length form (CUDA only), computing each segment's attention on its own
+    with PyTorch's attention in float32. What it checks is the script's part: the cut, the layout of the packed
+    tensors, grouped key/value heads, causality, the scale, and which batches take the segments."""
+    import torch
+
+    def reference(query, key, value, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, is_causal, return_debug_mask,
+                  scale=None, **rest):
+        assert cum_seq_q is cum_seq_k and dropout_p == 0.0 and query.dtype == torch.bfloat16
+        calls.append(cum_seq_q.tolist())
+        out = torch.zeros_like(query)
+        groups = query.shape[1] // key.shape[1]
+        bounds = cum_seq_q.tolist()
+        for start, end in zip(bounds, bounds[1:]):
+            if end > start:
+                q, k, v = (t[start:end].transpose(0, 1).float() for t in (query, key, value))
+                k, v = k.repeat_interleave(groups, 0), v.repeat_interleave(groups, 0)
+                attended = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale)
+                out[start:end] = attended.transpose(0, 1).to(out.dtype)
+        return out, None, None, None, None
+
+    calls = []  # each call's segment bounds
+    library = torch.library.Library("aten", "IMPL")
+    library.impl("_flash_attention_forward", reference, "CPU")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    yield peft_qlora.Runtime(torch.device("cuda"), "bf16"), calls
+    library._destroy()
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_padded_batches_attend_within_segments_as_masked_attention_does(arch, tiny_bert, tiny_llama,
+                                                                        flash_attention_here):
+    """On a GPU with flash attention, a padded batch's attention runs over each text's tokens apart from its padding:
+    the same logits on real tokens as PyTorch's masked attention (within bf16's rounding, which the segments run in),
+    for an encoder and for a decoder with fewer key/value heads than query heads; an unpadded batch stays
+    unmasked."""
+    import torch
+
+    folder = {"bert": tiny_bert, "llama": tiny_llama}[arch]
+    tokenizer = peft_qlora.load_tokenizer(folder)
+    model, _ = peft_qlora.build_model(peft_qlora.Config(model=folder), tokenizer, classes(), cpu_runtime())
+    model.eval()
+    generator = torch.Generator().manual_seed(0)
+    lengths = (40, 13, 64, 1, 27)
+    texts = [torch.randint(5, 1000, (n,), generator=generator).tolist() for n in lengths]
+    batch = peft_qlora.pad_batch({"input_ids": texts}, tokenizer.pad_token_id or 0, cpu_runtime())
+    runtime, calls = flash_attention_here
+    with torch.no_grad():
+        masked = model(**batch).logits
+        assert not calls
+        assert peft_qlora.padding_attention(model, runtime, graphs=False)
+        assert model.config._attn_implementation == peft_qlora.PADDING_ATTENTION
+        segments = model(**batch).logits
+        torch.testing.assert_close(segments, masked, rtol=2e-2, atol=2e-2 * float(masked.abs().max()))
+        assert len(calls) == 2, "each layer's attention over the segments"
+        width = batch["input_ids"].shape[1]
+        tokens_then_padding = [b for row, n in enumerate(lengths) for b in (row * width, row * width + n)]
+        assert calls[0] == tokens_then_padding + [len(lengths) * width]
+        model(input_ids=batch["input_ids"][:, :1])
+        assert len(calls) == 2, "no padding: PyTorch's attention, unmasked"
+
+
 def test_collate_leaves_the_mask_out_of_a_batch_without_padding():
     import torch
 
