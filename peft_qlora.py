@@ -2774,8 +2774,8 @@ def padding_attention(model, runtime: Runtime, graphs: bool) -> bool:
                  and kwargs.get("local_size") is None)  # no window, nothing added to the mask
         if attention_mask is None and plain:
             return None  # no padding: PyTorch's attention unmasked (is_causal for a decoder)
-        whole = (kwargs.get("q_length") == kwargs.get("kv_length") == attention_mask.shape[-1]
-                 and not kwargs.get("q_offset") and not kwargs.get("kv_offset")) if plain else False  # no cache
+        whole = (plain and kwargs.get("q_length") == kwargs.get("kv_length") == attention_mask.shape[-1]
+                 and not kwargs.get("q_offset") and not kwargs.get("kv_offset"))  # no cache
         if segments and whole:
             return segment_bounds(attention_mask)
         return sdpa_mask(attention_mask=attention_mask, **{**kwargs, **never_drop})
